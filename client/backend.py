@@ -1,0 +1,71 @@
+"""The one interface the frontend computes through, whatever is behind it."""
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import numpy as np
+
+from llamarpc.proto import pb
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    device: str
+    alignment: int
+    quantized_types: frozenset[int]
+    ops: frozenset[int]
+
+
+class Backend(abc.ABC):
+    """A compute node seen from the frontend: buffers, tensors, graphs.
+
+    Errors are the classes of ``llamarpc.proto.errors``; a node that does not answer raises
+    ``NodeUnavailable`` naming the node.
+    """
+
+    name: str = "backend"
+
+    @abc.abstractmethod
+    def hello(self) -> NodeInfo: ...
+
+    @abc.abstractmethod
+    def get_memory(self) -> tuple[int, int]:
+        """(free, total) bytes."""
+
+    @abc.abstractmethod
+    def alloc_buffer(self, size: int) -> int: ...
+
+    @abc.abstractmethod
+    def free_buffer(self, buffer_id: int) -> None: ...
+
+    @abc.abstractmethod
+    def clear_buffer(self, buffer_id: int, value: int = 0) -> None: ...
+
+    @abc.abstractmethod
+    def set_tensor(self, buffer_id: int, offset: int, data: np.ndarray | bytes | memoryview,
+                   cache: bool = False) -> int:
+        """Write bytes at `offset`; with `cache`, weights may come from the node's cache.
+        Returns the number of bytes actually sent."""
+
+    @abc.abstractmethod
+    def get_tensor(self, buffer_id: int, offset: int, size: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def copy_tensor(self, src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> None: ...
+
+    @abc.abstractmethod
+    def register_graph(self, graph: pb.Graph) -> int: ...
+
+    @abc.abstractmethod
+    def compute(self, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""The frontend: GGUF, tokenizer, chat templates, model graphs, engine, sampling, CLI and HTTP API."""

@@ -1,0 +1,62 @@
+"""Loading a model: the GGUF file, its architecture module and args, its tokenizer, and the
+pipeline that places its layers on backends."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+from llamarpc.client import Backend
+from llamarpc.proto.types import GGMLType
+
+from .gguf_file import GGUFFile, ModelLoadError
+from .models import get_architecture
+from .pipeline import Pipeline, Progress
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Model:
+    gguf: GGUFFile
+    args: object
+    tokenizer: Tokenizer
+    pipeline: Pipeline
+    n_ctx: int
+    load_seconds: float
+
+    @property
+    def n_vocab(self) -> int:
+        return self.args.n_vocab  # type: ignore[attr-defined]
+
+    @property
+    def chat_template(self) -> str | None:
+        t = self.gguf.metadata.get("tokenizer.chat_template")
+        return t if isinstance(t, str) else None
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def load_model(path: str, backends: Sequence[Backend], n_ctx: int = 0,
+               tensor_split: Sequence[float] | None = None, kv_type: GGMLType = GGMLType.F32,
+               progress: Progress | None = None) -> Model:
+    """Open `path`, check it can be run, and place it on `backends`. Every problem with the file
+    is a ModelLoadError naming the file and the problem."""
+    t0 = time.perf_counter()
+    gguf = GGUFFile(path)
+    try:
+        arch = get_architecture(gguf.architecture)
+        shapes = {n: t.shape for n, t in gguf.tensors.items()}
+        args = arch.args_from_metadata(gguf.metadata, shapes)
+        tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    if n_ctx <= 0:
+        n_ctx = min(args.n_ctx_train, 4096)
+    pipeline = Pipeline(gguf, arch, args, backends, n_ctx, tensor_split, kv_type, progress)
+    dt = time.perf_counter() - t0
+    log.info("loaded %s (%s, %d layers) in %.2f s", path, args.arch, args.n_layer, dt)
+    return Model(gguf, args, tokenizer, pipeline, n_ctx, dt)

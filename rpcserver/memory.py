@@ -1,0 +1,159 @@
+"""Device memory: buffers of bytes owned by a session, bounded by the node's capacity.
+
+A buffer is a flat byte array on the device. Tensors are views into it at client-chosen offsets;
+every offset and size is checked against the buffer before any byte moves. Each write bumps the
+buffer's `generation`, which the executor uses to drop stale dequantized weight copies.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from llamarpc.proto.errors import InvalidArgument, NotFound, ResourceExhausted
+from llamarpc.proto.types import GGMLType, PLAIN_DTYPES, tensor_nbytes
+
+from .device import Device
+
+ALIGNMENT = 32
+MAX_BUFFERS_PER_SESSION = 4096
+
+
+class Buffer:
+    __slots__ = ("id", "size", "data", "generation")
+
+    def __init__(self, buffer_id: int, size: int, data: Any) -> None:
+        self.id = buffer_id
+        self.size = size
+        self.data = data  # uint8 device array of `size` bytes
+        self.generation = 0
+
+    def check_range(self, offset: int, size: int, what: str) -> None:
+        if offset < 0 or size < 0 or offset > self.size or size > self.size - offset:
+            raise InvalidArgument(
+                f"{what}: range [{offset}, {offset}+{size}) is outside buffer {self.id} of {self.size} bytes")
+
+
+class Memory:
+    """All buffers of a node, with one capacity shared by every session."""
+
+    def __init__(self, device: Device, capacity: int) -> None:
+        self.device = device
+        self.capacity = capacity
+        self._used = 0
+        self._next_id = 1
+        self._buffers: dict[int, tuple[str, Buffer]] = {}
+        self._extra: dict[str, int] = {}   # other accounted bytes (dequantized weight copies)
+        self._lock = threading.Lock()
+
+    # -- accounting -------------------------------------------------------------------------------
+    @property
+    def used(self) -> int:
+        return self._used + sum(self._extra.values())
+
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - self.used)
+
+    def reserve_extra(self, key: str, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self.capacity - self.used + self._extra.get(key, 0):
+                raise ResourceExhausted(f"need {nbytes} more bytes, {self.free} free of {self.capacity}")
+            self._extra[key] = nbytes
+
+    def release_extra(self, key: str) -> None:
+        with self._lock:
+            self._extra.pop(key, None)
+
+    # -- buffers ----------------------------------------------------------------------------------
+    def alloc(self, session: str, size: int) -> Buffer:
+        if size <= 0:
+            raise InvalidArgument(f"buffer size must be positive, got {size}")
+        with self._lock:
+            if size > self.capacity - self.used:
+                raise ResourceExhausted(
+                    f"cannot allocate {size} bytes: {self.capacity - self.used} free of {self.capacity}")
+            if sum(1 for s, _ in self._buffers.values() if s == session) >= MAX_BUFFERS_PER_SESSION:
+                raise ResourceExhausted(f"a session may hold at most {MAX_BUFFERS_PER_SESSION} buffers")
+            self._used += size
+            bid = self._next_id
+            self._next_id += 1
+        try:
+            data = self.device.lib.zeros(size, dtype=np.uint8)
+        except MemoryError:
+            with self._lock:
+                self._used -= size
+            raise ResourceExhausted(f"the device could not allocate {size} bytes") from None
+        buf = Buffer(bid, size, data)
+        with self._lock:
+            self._buffers[bid] = (session, buf)
+        return buf
+
+    def get(self, session: str, buffer_id: int) -> Buffer:
+        entry = self._buffers.get(buffer_id)
+        if entry is None or entry[0] != session:
+            raise NotFound(f"no buffer {buffer_id} in this session")
+        return entry[1]
+
+    def free_buffer(self, session: str, buffer_id: int) -> None:
+        buf = self.get(session, buffer_id)
+        with self._lock:
+            self._buffers.pop(buffer_id, None)
+            self._used -= buf.size
+        buf.generation += 1
+        buf.data = None
+
+    def session_buffers(self, session: str) -> list[int]:
+        return [bid for bid, (s, _) in list(self._buffers.items()) if s == session]
+
+    # -- bytes ------------------------------------------------------------------------------------
+    def write(self, session: str, buffer_id: int, offset: int, data: bytes | memoryview | np.ndarray) -> None:
+        buf = self.get(session, buffer_id)
+        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        buf.check_range(offset, src.size, "write")
+        buf.data[offset:offset + src.size] = self.device.to_device(src)
+        buf.generation += 1
+
+    def read(self, session: str, buffer_id: int, offset: int, size: int) -> np.ndarray:
+        buf = self.get(session, buffer_id)
+        buf.check_range(offset, size, "read")
+        return self.device.to_host(buf.data[offset:offset + size])
+
+    def clear(self, session: str, buffer_id: int, value: int) -> None:
+        if not 0 <= value <= 255:
+            raise InvalidArgument(f"clear value must be a byte (0..255), got {value}")
+        buf = self.get(session, buffer_id)
+        buf.data[...] = value
+        buf.generation += 1
+
+    def copy(self, session: str, src_id: int, src_off: int, dst_id: int, dst_off: int, size: int) -> None:
+        src = self.get(session, src_id)
+        dst = self.get(session, dst_id)
+        src.check_range(src_off, size, "copy source")
+        dst.check_range(dst_off, size, "copy destination")
+        dst.data[dst_off:dst_off + size] = src.data[src_off:src_off + size].copy()
+        dst.generation += 1
+
+    # -- tensor views -----------------------------------------------------------------------------
+    def view(self, session: str, buffer_id: int, offset: int, t: GGMLType, shape: tuple[int, ...],
+             what: str = "tensor") -> tuple[Buffer, Any]:
+        """(buffer, array) for a tensor in a buffer: typed for plain types, raw uint8 rows for
+        block-quantized ones ([..., row_bytes])."""
+        buf = self.get(session, buffer_id)
+        nbytes = tensor_nbytes(t, shape, what)
+        if offset % ALIGNMENT:
+            raise InvalidArgument(f"{what}: offset {offset} is not a multiple of {ALIGNMENT}")
+        buf.check_range(offset, nbytes, what)
+        raw = buf.data[offset:offset + nbytes]
+        dtype = PLAIN_DTYPES.get(t)
+        if dtype is not None:
+            return buf, raw.view(dtype).reshape(shape)
+        return buf, raw.reshape(tuple(shape[:-1]) + (nbytes // max(1, _rows(shape)),))
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n

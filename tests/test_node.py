@@ -1,0 +1,149 @@
+"""The node refuses every bad field with a typed error and keeps serving."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llamarpc.client import GraphBuilder, TensorRef
+from llamarpc.client.local import LocalBackend
+from llamarpc.proto import pb
+from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from llamarpc.proto.types import GGMLType as T
+from llamarpc.rpcserver.node import Node
+
+
+@pytest.fixture
+def backend():
+    b = LocalBackend(capacity=1 << 20)
+    yield b
+    b.close()
+
+
+def small_graph(buf: int, shape=(4, 8), offset=0):
+    gb = GraphBuilder()
+    x = gb.input("x", T.F32, ("n", 8))
+    w = gb.tensor(TensorRef(buf, offset, T.F32, shape))
+    gb.output("y", gb.matmul(x, w))
+    return gb.build()
+
+
+def test_compute_roundtrip(backend):
+    buf = backend.alloc_buffer(1024)
+    w = np.arange(32, dtype=np.float32).reshape(4, 8)
+    backend.set_tensor(buf, 0, w)
+    assert backend.get_tensor(buf, 0, 128) == w.tobytes()
+    gid = backend.register_graph(small_graph(buf))
+    x = np.ones((3, 8), np.float32)
+    np.testing.assert_allclose(backend.compute(gid, {"x": x})["y"], x @ w.T)
+    # a write to the buffer is seen by the next compute (no stale weight copy)
+    backend.set_tensor(buf, 0, w * 2)
+    np.testing.assert_allclose(backend.compute(gid, {"x": x})["y"], x @ (2 * w).T)
+
+
+def test_buffer_bounds_and_capacity(backend):
+    buf = backend.alloc_buffer(64)
+    with pytest.raises(InvalidArgument, match="outside buffer"):
+        backend.set_tensor(buf, 60, b"\0" * 8)
+    with pytest.raises(InvalidArgument, match="outside buffer"):
+        backend.get_tensor(buf, 2**63, 8)
+    with pytest.raises(InvalidArgument, match="outside buffer"):
+        backend.copy_tensor(buf, 0, buf, 32, 64)
+    with pytest.raises(NotFound):
+        backend.get_tensor(buf + 100, 0, 1)
+    with pytest.raises(ResourceExhausted):
+        backend.alloc_buffer(1 << 21)
+    with pytest.raises(InvalidArgument):
+        backend.alloc_buffer(0)
+    with pytest.raises(InvalidArgument):
+        backend.clear_buffer(buf, 256)
+
+
+def test_sessions_are_isolated():
+    node = Node("cpu", capacity=1 << 20)
+    a, b = LocalBackend(node=node), LocalBackend(node=node)
+    buf = a.alloc_buffer(64)
+    with pytest.raises(NotFound):
+        b.get_tensor(buf, 0, 8)
+    with pytest.raises(NotFound):
+        b.register_graph(small_graph(buf, (1, 8)))
+    used = node.memory.used
+    a.close()  # closing frees the session's buffers
+    assert node.memory.used == used - 64
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda g: g.tensors[0].__setattr__("offset", 1 << 40), "outside buffer"),
+    (lambda g: g.tensors[0].__setattr__("offset", 4), "not a multiple"),
+    (lambda g: g.tensors[0].__setattr__("type", 99), "unknown tensor type"),
+    (lambda g: g.tensors[0].__setattr__("type", int(T.Q4_0)), "block size"),
+    (lambda g: g.tensors[0].shape.__setitem__(0, 0), "positive"),
+    (lambda g: g.tensors[0].shape.__setitem__(0, -3), "positive"),
+    (lambda g: g.tensors[0].shape.extend([2, 2, 2, 2]), "1 to 4"),
+    (lambda g: g.tensors[0].__setattr__("buffer_id", 12345), "no buffer"),
+    (lambda g: g.ops[0].__setattr__("type", 77), "unknown op"),
+    (lambda g: g.ops[0].args.append(0), "takes 2 arguments"),
+    (lambda g: g.ops[0].args.__setitem__(0, 2), "earlier value"),
+    (lambda g: g.outputs[0].__setattr__("value", 9), "unknown value"),
+    (lambda g: g.inputs[0].__setattr__("type", int(T.Q8_0)), "F32 or I32"),
+    (lambda g: g.inputs[0].shape.add(), "neither size nor symbol"),
+    (lambda g: g.ops.add(type=pb.RMS_NORM, args=[0], attrs=pb.Attrs(eps=float("nan"))), "finite"),
+    (lambda g: g.ops.add(type=pb.ROPE, args=[0, 0], attrs=pb.Attrs(head_dim=8, n_dims=9)), "rope"),
+    (lambda g: g.ops.add(type=pb.ATTENTION, args=[0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+                         attrs=pb.Attrs(head_dim=8, n_head=3, n_head_kv=2, scale=1)), "multiple of n_head_kv"),
+])
+def test_bad_graphs_are_invalid_argument(backend, mutate, match):
+    buf = backend.alloc_buffer(1024)
+    g = small_graph(buf)
+    mutate(g)
+    with pytest.raises((InvalidArgument, NotFound), match=match):
+        backend.register_graph(g)
+    # and the node still works
+    gid = backend.register_graph(small_graph(buf))
+    assert backend.compute(gid, {"x": np.zeros((1, 8), np.float32)})["y"].shape == (1, 4)
+
+
+def test_bad_compute_inputs(backend):
+    buf = backend.alloc_buffer(1024)
+    gid = backend.register_graph(small_graph(buf))
+    for inputs, match in [({}, "missing input"), ({"x": np.zeros((2, 7), np.float32)}, "expected shape"),
+                          ({"x": np.zeros((2, 8), np.int32)}, "expected F32"),
+                          ({"x": np.zeros((2, 8), np.float32), "z": np.zeros(1, np.float32)}, "unknown inputs")]:
+        with pytest.raises(InvalidArgument, match=match):
+            backend.compute(gid, inputs)
+    with pytest.raises(NotFound):
+        backend.compute(gid + 1000, {"x": np.zeros((2, 8), np.float32)})
+
+
+def test_graph_over_freed_buffer_fails(backend):
+    buf = backend.alloc_buffer(1024)
+    gid = backend.register_graph(small_graph(buf))
+    backend.free_buffer(buf)
+    with pytest.raises(FailedPrecondition, match="freed"):
+        backend.compute(gid, {"x": np.zeros((1, 8), np.float32)})
+
+
+def test_symbols_bind_consistently(backend):
+    gb = GraphBuilder()
+    a = gb.input("a", T.F32, ("n", 4))
+    b = gb.input("b", T.F32, ("n", 4))
+    gb.output("s", gb.add(a, b))
+    gid = backend.register_graph(gb.build())
+    with pytest.raises(InvalidArgument, match="symbol n"):
+        backend.compute(gid, {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 4), np.float32)})
+    out = backend.compute(gid, {"a": np.ones((3, 4), np.float32), "b": np.ones((3, 4), np.float32)})
+    np.testing.assert_array_equal(out["s"], np.full((3, 4), 2, np.float32))
+
+
+def test_runtime_shape_errors_are_invalid_argument(backend):
+    gb = GraphBuilder()
+    a = gb.input("a", T.F32, ("n", "k"))
+    b = gb.input("b", T.F32, ("m", "j"))
+    gb.output("s", gb.add(a, b))
+    gid = backend.register_graph(gb.build())
+    with pytest.raises(InvalidArgument, match="do not broadcast"):
+        backend.compute(gid, {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 5), np.float32)})
+
+
+def test_protocol_version_mismatch():
+    with pytest.raises(FailedPrecondition, match="client speaks 99, node speaks 1"):
+        Node("cpu", capacity=1 << 20).hello(99)
