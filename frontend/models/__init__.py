@@ -1,0 +1,16 @@
+"""One module per ``general.architecture``; each exposes args_from_metadata, tensor_names and
+build_graph."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import llama, qwen2
+
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2}
+
+
+def get_architecture(name: str) -> ModuleType:
+    mod = ARCHITECTURES.get(name)
+    if mod is None:
+        raise ValueError(f"unknown model architecture {name!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return mod
