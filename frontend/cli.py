@@ -42,10 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed, -1 = random")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
     p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
+    p.add_argument("--rpc", default=_env("RPC"), metavar="HOST:PORT,...",
+                   help="compute nodes (llamarpc-server) to place the layers on (LLAMA_ARG_RPC)")
+    p.add_argument("-ts", "--tensor-split", default=_env("TENSOR_SPLIT"), metavar="N0,N1,...",
+                   help="share of layers per node, e.g. 3,1 (default: by free memory)")
+    p.add_argument("--rpc-token-file", default=os.environ.get("LLAMARPC_AUTH_TOKEN_FILE"),
+                   help="file with the nodes' shared secret")
+    p.add_argument("--rpc-tls-ca", default=os.environ.get("LLAMARPC_TLS_CA"),
+                   help="PEM CA/certificate to verify TLS nodes (enables TLS)")
     p.add_argument("--device", default=os.environ.get("LLAMARPC_DEVICE", "cpu"),
                    help="device of the in-process node: cpu or cuda:N (cupy; not yet verified on hardware)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
+
+
+def make_backends(args: argparse.Namespace) -> list:
+    from pathlib import Path
+
+    from llamarpc.client.remote import RemoteBackend
+
+    token = Path(args.rpc_token_file).read_text().strip() if args.rpc_token_file else None
+    ca = Path(args.rpc_tls_ca).read_bytes() if args.rpc_tls_ca else None
+    addrs = [a.strip() for a in args.rpc.split(",") if a.strip()]
+    if not addrs:
+        raise ValueError("--rpc needs at least one HOST:PORT")
+    return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
 
 
 def _piece(tok: object, tid: int | None) -> str:
@@ -79,10 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .model import load_model
     from .sampling import Sampler, SamplingParams
 
+    from llamarpc.proto.errors import BackendError
+
+    from .progress import ProgressBar
+
     try:
-        backend = LocalBackend(args.device)
-        model = load_model(args.model, [backend], n_ctx=args.ctx_size)
-    except (ModelLoadError, ValueError) as e:
+        backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]
+        split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+        with ProgressBar("loading weights") as bar:
+            model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=bar.update)
+    except (ModelLoadError, ValueError, BackendError) as e:
         print(f"llamarpc: error: {e}", file=sys.stderr)
         return 1
     log.info("placement:\n%s", model.pipeline.placement_table())
@@ -109,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
         sys.stdout.write(dec.flush() + "\n")
         sys.stdout.flush()
-    except (ValueError, ChatTemplateError) as e:
+    except (ValueError, ChatTemplateError, BackendError) as e:
         print(f"llamarpc: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -34,7 +34,7 @@ class BackendStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Hello = channel.unary_unary(
+        self.Hello = channel.unary_stream(
                 '/llamarpc.v1.Backend/Hello',
                 request_serializer=llamarpc__pb2.HelloRequest.SerializeToString,
                 response_deserializer=llamarpc__pb2.HelloReply.FromString,
@@ -100,7 +100,10 @@ class BackendServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Hello(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens a session. The first (and only) message is the reply; the node keeps the stream open for
+        the life of the session and frees the session's buffers and graphs when it closes (the
+        client went away). Every other call names its session in the metadata "llamarpc-session".
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -176,7 +179,7 @@ class BackendServicer:
 
 def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Hello': grpc.unary_unary_rpc_method_handler(
+            'Hello': grpc.unary_stream_rpc_method_handler(
                     servicer.Hello,
                     request_deserializer=llamarpc__pb2.HelloRequest.FromString,
                     response_serializer=llamarpc__pb2.HelloReply.SerializeToString,
@@ -258,7 +261,7 @@ class Backend:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/llamarpc.v1.Backend/Hello',

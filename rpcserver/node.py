@@ -126,6 +126,9 @@ class Node:
             if len(graphs) >= MAX_GRAPHS_PER_SESSION:
                 raise InvalidArgument(f"a session may register at most {MAX_GRAPHS_PER_SESSION} graphs")
             plan = compile_graph(graph, self.memory, session)
+            for op in plan.ops:   # make the float copies of the weights now, not on the first step
+                if op.type == pb.MATMUL and len(plan.inputs) <= op.args[1] < len(plan.inputs) + len(plan.tensors):
+                    self.weights.get(session, plan.tensors[op.args[1] - len(plan.inputs)])
             gid = next(self._graph_ids)
             graphs[gid] = plan
             return gid

@@ -1,0 +1,213 @@
+"""RemoteBackend: a compute node over gRPC, with the same interface and errors as LocalBackend.
+
+Every call has a deadline; only idempotent calls are retried; a node that does not answer raises
+NodeUnavailable naming its address. The session lives as long as the Hello stream: when this
+client goes away (or calls close), the node frees everything the session held.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+
+from llamarpc.proto import PROTOCOL_VERSION, pb, pb_grpc
+from llamarpc.proto.arrays import array_from_pb, array_to_pb
+from llamarpc.proto.errors import ERROR_BY_STATUS, BackendError, NodeUnavailable, Status
+
+from .backend import Backend, NodeInfo
+
+log = logging.getLogger(__name__)
+
+SESSION_KEY = "llamarpc-session"
+CHUNK = 4 << 20
+MAX_MESSAGE = 64 << 20
+
+
+def _bytes_view(data: np.ndarray | bytes | memoryview) -> memoryview:
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return memoryview(data).cast("B")
+
+
+class RemoteBackend(Backend):
+    def __init__(self, address: str, *, token: str | None = None, tls_ca: bytes | None = None,
+                 tls_server_name: str | None = None, timeout: float = 30.0, compute_timeout: float = 120.0,
+                 connect_timeout: float = 10.0, client_name: str = "llamarpc") -> None:
+        self.address = address
+        self.name = address
+        self.timeout = timeout
+        self.compute_timeout = compute_timeout
+        self.connect_timeout = connect_timeout
+        self.client_name = client_name
+        self._token = token
+        self._tls_ca = tls_ca
+        self._tls_server_name = tls_server_name
+        self._channel: grpc.Channel | None = None
+        self._hello_stream: Any = None
+        self._session = ""
+        self.info: NodeInfo | None = None
+        self.bytes_sent = 0
+        self._lock = threading.Lock()
+        self.connect()
+
+    # -- connection -------------------------------------------------------------------------------
+    def connect(self) -> NodeInfo:
+        """(Re)open the channel and a new session. Buffers of an earlier session are gone."""
+        self._close_channel()
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0)]
+        if self._tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", self._tls_server_name))
+        if self._tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self._tls_ca)
+            self._channel = grpc.secure_channel(self.address, creds, options=opts)
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=opts)
+        self._stub = pb_grpc.BackendStub(self._channel)
+        try:
+            stream = self._stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION, client_name=self.client_name),
+                                      metadata=self._auth_metadata(), timeout=None,
+                                      wait_for_ready=False)
+            reply = self._first(stream)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        self._hello_stream = stream
+        self._session = reply.session_id
+        self.info = NodeInfo(reply.node_name, reply.device, reply.alignment,
+                             frozenset(reply.quantized_types), frozenset(reply.ops))
+        log.debug("%s: session %s", self.address, self._session[:8])
+        return self.info
+
+    def _first(self, stream: Any) -> pb.HelloReply:
+        box: dict[str, Any] = {}
+
+        def read() -> None:
+            try:
+                box["reply"] = next(stream)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box["error"] = e
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(self.connect_timeout)
+        if t.is_alive():
+            stream.cancel()
+            raise NodeUnavailable(f"no answer within {self.connect_timeout:.0f} s", node=self.address)
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, grpc.RpcError):
+                raise err
+            if isinstance(err, StopIteration):
+                raise NodeUnavailable("the node closed the session stream", node=self.address)
+            raise err
+        return box["reply"]
+
+    def _auth_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self._token}")] if self._token else []
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [(SESSION_KEY, self._session), *self._auth_metadata()]
+
+    def _error(self, e: grpc.RpcError) -> BackendError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        detail = (e.details() if hasattr(e, "details") else str(e)) or code.name
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            return NodeUnavailable(f"{code.name.lower()}: {detail}", node=self.address)
+        try:
+            cls = ERROR_BY_STATUS[Status(code.name)]
+        except ValueError:
+            cls = BackendError
+        return cls(detail, node=self.address)
+
+    def _call(self, fn: Callable, request: Any, *, timeout: float | None = None, retries: int = 0) -> Any:
+        for attempt in range(retries + 1):
+            try:
+                return fn(request, metadata=self._metadata(), timeout=timeout or self.timeout)
+            except grpc.RpcError as e:
+                err = self._error(e)
+                if not isinstance(err, NodeUnavailable) or attempt == retries:
+                    raise err from None
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # -- Backend ----------------------------------------------------------------------------------
+    def hello(self) -> NodeInfo:
+        assert self.info is not None
+        return self.info
+
+    def get_memory(self) -> tuple[int, int]:
+        r = self._call(self._stub.GetMemory, pb.GetMemoryRequest(), retries=2)
+        return r.free_bytes, r.total_bytes
+
+    def alloc_buffer(self, size: int) -> int:
+        return self._call(self._stub.AllocBuffer, pb.AllocBufferRequest(size=size)).buffer_id
+
+    def free_buffer(self, buffer_id: int) -> None:
+        self._call(self._stub.FreeBuffer, pb.BufferRequest(buffer_id=buffer_id))
+
+    def clear_buffer(self, buffer_id: int, value: int = 0) -> None:
+        self._call(self._stub.ClearBuffer, pb.ClearBufferRequest(buffer_id=buffer_id, value=value), retries=2)
+
+    def set_tensor(self, buffer_id: int, offset: int, data: np.ndarray | bytes | memoryview,
+                   cache: bool = False) -> int:
+        mv = _bytes_view(data)
+        digest = hashlib.sha256(mv).digest() if cache else b""
+        if cache:
+            r = self._call(self._stub.SetTensorFromCache, pb.SetTensorFromCacheRequest(
+                buffer_id=buffer_id, offset=offset, size=mv.nbytes, sha256=digest), retries=2)
+            if r.hit:
+                return 0
+
+        def chunks() -> Iterator[pb.SetTensorChunk]:
+            header = pb.SetTensorHeader(buffer_id=buffer_id, offset=offset, size=mv.nbytes, sha256=digest, cache=cache)
+            if mv.nbytes == 0:
+                yield pb.SetTensorChunk(header=header)
+            for i, start in enumerate(range(0, mv.nbytes, CHUNK)):
+                part = bytes(mv[start:start + CHUNK])
+                yield pb.SetTensorChunk(header=header, data=part) if i == 0 else pb.SetTensorChunk(data=part)
+
+        timeout = self.timeout + mv.nbytes / (20 << 20)  # allow 20 MiB/s at worst
+        try:
+            self._stub.SetTensor(chunks(), metadata=self._metadata(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        self.bytes_sent += mv.nbytes
+        return mv.nbytes
+
+    def get_tensor(self, buffer_id: int, offset: int, size: int) -> bytes:
+        try:
+            stream = self._stub.GetTensor(pb.GetTensorRequest(buffer_id=buffer_id, offset=offset, size=size),
+                                          metadata=self._metadata(), timeout=self.timeout + size / (20 << 20))
+            return b"".join(c.data for c in stream)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def copy_tensor(self, src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> None:
+        self._call(self._stub.CopyTensor, pb.CopyTensorRequest(src_buffer_id=src, src_offset=src_offset,
+                                                               dst_buffer_id=dst, dst_offset=dst_offset, size=size))
+
+    def register_graph(self, graph: pb.Graph) -> int:
+        return self._call(self._stub.RegisterGraph, pb.RegisterGraphRequest(graph=graph)).graph_id
+
+    def compute(self, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        req = pb.ComputeRequest(graph_id=graph_id, inputs=[pb.NamedArray(name=k, array=array_to_pb(v))
+                                                           for k, v in inputs.items()])
+        r = self._call(self._stub.Compute, req, timeout=self.compute_timeout)
+        return {o.name: array_from_pb(o.array, o.name) for o in r.outputs}
+
+    def _close_channel(self) -> None:
+        if self._hello_stream is not None:
+            self._hello_stream.cancel()
+            self._hello_stream = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def close(self) -> None:
+        self._close_channel()

@@ -1,0 +1,128 @@
+"""``llamarpc-server``: a compute node on the network.
+
+Flags have LLAMARPC_* environment equivalents (LLAMARPC_HOST, LLAMARPC_PORT, LLAMARPC_DEVICE,
+LLAMARPC_THREADS, LLAMARPC_RESERVE_MEMORY, LLAMARPC_CACHE_DIR, LLAMARPC_AUTH_TOKEN_FILE,
+LLAMARPC_TLS_CERT, LLAMARPC_TLS_KEY).
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("llamarpc.server")
+
+
+def _env(name: str, default: object = None) -> object:
+    return os.environ.get(f"LLAMARPC_{name}", default)
+
+
+def default_threads() -> int:
+    """Half the cores (at least 1): a node should leave room for a frontend or a peer node on the
+    same box; numpy's BLAS slows badly when oversubscribed."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "llamarpc", "tensors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llamarpc-server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-H", "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=int(_env("PORT", 50052)), help="port (default 50052; 0 = any)")
+    p.add_argument("-d", "--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N (cupy; not yet verified on hardware)")
+    p.add_argument("-t", "--threads", type=int, default=int(_env("THREADS", 0)),
+                   help="BLAS threads (default: half the cores)")
+    p.add_argument("-m", "--reserve-memory", type=int, default=int(_env("RESERVE_MEMORY", 0)), metavar="MiB",
+                   help="memory to keep free: capacity = total - reserve")
+    p.add_argument("--mem", type=int, default=int(_env("MEM", 0)), metavar="MiB",
+                   help="total memory to offer (default: the machine's physical memory)")
+    p.add_argument("-c", "--cache-dir", default=_env("CACHE_DIR", default_cache_dir()),
+                   help="on-disk weight cache ('' disables)")
+    p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE"), help="file holding the shared secret")
+    p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key")
+    p.add_argument("--port-file", default=None, help="write the bound port here once listening (for scripts/tests)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    threads = args.threads or default_threads()
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+
+    from .node import Node, default_capacity
+    from .servicer import make_server
+    from .tensor_cache import TensorCache
+
+    token = None
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text().strip()
+        if not token:
+            print(f"llamarpc-server: error: {args.auth_token_file} is empty", file=sys.stderr)
+            return 2
+    tls = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("llamarpc-server: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_cert:
+        tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
+    if not _is_loopback(args.host) and not token:
+        log.warning("listening on %s without --auth-token-file: anyone who can reach this port can allocate "
+                    "memory and run computations on this machine; use a token (and TLS) off loopback", args.host)
+    total = (args.mem << 20) if args.mem else default_capacity()
+    capacity = total - (args.reserve_memory << 20)
+    if capacity <= 0:
+        print("llamarpc-server: error: --reserve-memory leaves no memory", file=sys.stderr)
+        return 2
+    try:
+        node = Node(args.device, capacity, name=f"{args.host}:{args.port}")
+    except ValueError as e:
+        print(f"llamarpc-server: error: {e}", file=sys.stderr)
+        return 2
+    cache = TensorCache(args.cache_dir or None)
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    try:
+        server, port, _ = make_server(node, f"{host}:{args.port}", cache=cache, token=token, tls=tls)
+    except (OSError, RuntimeError) as e:
+        print(f"llamarpc-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    server.start()
+    log.info("llamarpc-server listening on %s:%d (device %s, %d threads, capacity %.1f MiB, cache %s, %s%s)",
+             args.host, port, node.device.name, threads, capacity / 2**20, args.cache_dir or "off",
+             "TLS" if tls else "plaintext", ", token auth" if token else "")
+    if args.port_file:
+        Path(args.port_file).write_text(str(port))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

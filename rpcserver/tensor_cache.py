@@ -1,0 +1,63 @@
+"""The node's on-disk cache of weight bytes, keyed by their sha256.
+
+Only weights are cached (a client asks for it per SetTensor); activations never are. Files are
+written atomically and checked against their hash when read, so a torn or corrupted file is a
+miss, never wrong weights. The cache survives node restarts.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class TensorCache:
+    def __init__(self, directory: str | os.PathLike | None, max_bytes: int = 1 << 40) -> None:
+        self.dir = Path(directory) if directory else None
+        self.max_bytes = max_bytes
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def _path(self, digest: bytes) -> Path:
+        assert self.dir is not None and len(digest) == 32
+        return self.dir / digest.hex()
+
+    def get(self, digest: bytes, size: int) -> bytes | None:
+        """The cached bytes with this hash and size, or None."""
+        if self.dir is None or len(digest) != 32:
+            return None
+        p = self._path(digest)
+        try:
+            if p.stat().st_size != size:
+                return None
+            data = p.read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).digest() != digest:
+            log.warning("cache file %s does not match its hash; dropping it", p.name)
+            p.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
+        if self.dir is None or len(digest) != 32 or len(data) > self.max_bytes:
+            return
+        p = self._path(digest)
+        if p.exists():
+            return
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except OSError:
+            log.warning("could not write cache file %s", p, exc_info=True)
+            Path(tmp).unlink(missing_ok=True)
