@@ -61,6 +61,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def compute(self, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the node is known to have gone (its session ended)."""
+        return True
+
+    def reconnect(self) -> NodeInfo:
+        """Open a new session (after the node was lost); earlier buffers and graphs are gone."""
+        return self.hello()
+
     def close(self) -> None:  # noqa: B027 - optional
         pass
 

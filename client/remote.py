@@ -50,6 +50,7 @@ class RemoteBackend(Backend):
         self._channel: grpc.Channel | None = None
         self._hello_stream: Any = None
         self._session = ""
+        self._alive = False
         self.info: NodeInfo | None = None
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -78,11 +79,31 @@ class RemoteBackend(Backend):
         except grpc.RpcError as e:
             raise self._error(e) from None
         self._hello_stream = stream
+        self._alive = True
+        threading.Thread(target=self._watch, args=(stream,), name=f"watch-{self.address}", daemon=True).start()
         self._session = reply.session_id
         self.info = NodeInfo(reply.node_name, reply.device, reply.alignment,
                              frozenset(reply.quantized_types), frozenset(reply.ops))
         log.debug("%s: session %s", self.address, self._session[:8])
         return self.info
+
+    def _watch(self, stream: Any) -> None:
+        """The session stream ends when the node goes away (or we close it)."""
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError:
+            pass
+        if stream is self._hello_stream:
+            self._alive = False
+            log.warning("%s: session ended (node gone?)", self.address)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def reconnect(self) -> NodeInfo:
+        return self.connect()
 
     def _first(self, stream: Any) -> pb.HelloReply:
         box: dict[str, Any] = {}
@@ -203,8 +224,8 @@ class RemoteBackend(Backend):
 
     def _close_channel(self) -> None:
         if self._hello_stream is not None:
-            self._hello_stream.cancel()
-            self._hello_stream = None
+            stream, self._hello_stream = self._hello_stream, None
+            stream.cancel()
         if self._channel is not None:
             self._channel.close()
             self._channel = None

@@ -84,6 +84,7 @@ class Generator:
                  ignore_eos: bool = False) -> Iterator[int]:
         """Yield sampled tokens until n_predict (-1: until end of generation or a full context)."""
         self.reset()
+        self.model.pipeline.ensure_attached()   # a node lost since the last generation comes back here
         self.timings = Timings(n_prompt=len(prompt))
         t0 = time.perf_counter()
         logits = self.eval(prompt)

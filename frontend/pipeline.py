@@ -1,5 +1,11 @@
 """The pipeline: a model's layer ranges placed on backends, weights uploaded, graphs registered,
-and a forward step run stage after stage (each stage gets only its small per-step inputs)."""
+and a forward step run stage after stage (each stage gets only its small per-step inputs).
+
+A stage whose node stops answering raises NodeUnavailable naming the node. The next step tries to
+re-attach it: a new session, buffers re-made, weights restored from the node's cache (sent again
+only when the node does not have them), the graph registered again. Every re-attach bumps `epoch`:
+the KV cache contents of all sequences are then gone and the caller must recompute them.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,10 +17,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llamarpc.client import Backend, GraphBuilder, TensorRef
+from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType
 
 from .gguf_file import GGUFFile
-from .placement import format_table, human_bytes, split_layers
+from .placement import format_table, human_bytes, place_layers
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +38,14 @@ class Stage:
     layers: range
     first: bool
     last: bool
+    names: list[str] = dataclasses.field(default_factory=list)
     weights_buffer: int = 0
     kv_buffer: int = 0
     graph_id: int = 0
     weight_bytes: int = 0
     kv_bytes: int = 0
     bytes_sent: int = 0
+    lost: bool = False
 
 
 class Pipeline:
@@ -45,58 +54,96 @@ class Pipeline:
                  kv_type: GGMLType = GGMLType.F32, progress: Progress | None = None) -> None:
         self.gguf, self.arch, self.args, self.n_ctx = gguf, arch, args, n_ctx
         self.kv_type = kv_type
-        n_layer = args.n_layer  # type: ignore[attr-defined]
-        if tensor_split is None:
-            tensor_split = [b.get_memory()[0] for b in backends] if len(backends) > 1 else [1.0]
-        if len(tensor_split) != len(backends):
+        self.epoch = 0
+        if tensor_split is not None and len(tensor_split) != len(backends):
             raise ValueError(f"tensor split has {len(tensor_split)} values for {len(backends)} backends")
-        ranges = split_layers(n_layer, tensor_split)
+        n_layer = args.n_layer  # type: ignore[attr-defined]
+        layer_cost = [self._cost(arch.tensor_names(args, range(i, i + 1), False, False)) + self._kv_bytes(1)
+                      for i in range(n_layer)]
+        first_cost = self._cost(arch.tensor_names(args, range(0), True, False))
+        last_cost = self._cost(arch.tensor_names(args, range(0), False, True))
+        free = [b.get_memory()[0] for b in backends]
+        ranges = place_layers(layer_cost, first_cost, last_cost, free, tensor_split,
+                              names=[b.name for b in backends])
         used = [(b, r) for b, r in zip(backends, ranges) if len(r)]
         self.stages = [Stage(b, r, first=i == 0, last=i == len(used) - 1) for i, (b, r) in enumerate(used)]
-        self._upload(progress)
+        for s in self.stages:
+            s.names = arch.tensor_names(args, s.layers, s.first, s.last)
+            for n in s.names:
+                gguf.tensor(n)  # a missing tensor is a load error naming it, before any upload
+        total = sum(gguf.tensor(n).nbytes for s in self.stages for n in s.names)
+        done = [0]
+
+        def stage_progress(nbytes: int) -> None:
+            done[0] += nbytes
+            if progress:
+                progress(done[0], total)
+
+        t0 = time.perf_counter()
+        for s in self.stages:
+            self._setup(s, stage_progress)
+        log.info("weights placed in %.2f s (%d bytes sent)", time.perf_counter() - t0, self.bytes_sent)
 
     # -- set-up -----------------------------------------------------------------------------------
-    def _upload(self, progress: Progress | None) -> None:
-        names_per_stage = [self.arch.tensor_names(self.args, s.layers, s.first, s.last) for s in self.stages]
-        for names in names_per_stage:
-            for n in names:
-                self.gguf.tensor(n)  # a missing tensor is a load error naming it, before any upload
-        total = sum(self.gguf.tensor(n).nbytes for names in names_per_stage for n in names)
-        done = 0
-        t0 = time.perf_counter()
-        kv_item = 4 if self.kv_type == GGMLType.F32 else 2
-        for stage, names in zip(self.stages, names_per_stage):
-            b = stage.backend
-            align = b.hello().alignment
-            offsets: dict[str, int] = {}
-            size = 0
-            for n in names:
-                offsets[n] = size
-                size = _align(size + self.gguf.tensor(n).nbytes, align)
-            stage.weight_bytes = size
-            stage.weights_buffer = b.alloc_buffer(size)
-            refs: dict[str, TensorRef] = {}
-            for n in names:
-                t = self.gguf.tensor(n)
-                stage.bytes_sent += b.set_tensor(stage.weights_buffer, offsets[n], t.data, cache=True)
-                refs[n] = TensorRef(stage.weights_buffer, offsets[n], t.type, t.shape)
-                done += t.nbytes
-                if progress:
-                    progress(done, total)
-            kv_dim = self.args.kv_dim  # type: ignore[attr-defined]
-            per = _align(self.n_ctx * kv_dim * kv_item, align)
-            stage.kv_bytes = per * 2 * len(stage.layers)
-            stage.kv_buffer = b.alloc_buffer(stage.kv_bytes)
-            kv = {}
-            for j, i in enumerate(stage.layers):
-                kv[i] = tuple(TensorRef(stage.kv_buffer, (2 * j + h) * per, self.kv_type, (self.n_ctx, kv_dim))
-                              for h in (0, 1))
-            gb = GraphBuilder()
-            kv_values = {i: (gb.tensor(k), gb.tensor(v)) for i, (k, v) in kv.items()}
-            self.arch.build_graph(gb, self.args, stage.layers, stage.first, stage.last,
-                                  lambda n, refs=refs: gb.tensor(refs[n]), kv_values)
-            stage.graph_id = b.register_graph(gb.build())
-        log.info("weights placed in %.2f s", time.perf_counter() - t0)
+    def _cost(self, names: Sequence[str]) -> int:
+        """Node memory for these weights: the stored bytes plus a float32 copy of each matrix."""
+        total = 0
+        for n in names:
+            t = self.gguf.tensor(n)
+            total += t.nbytes + (4 * int(np.prod(t.shape)) if len(t.shape) == 2 and t.type != GGMLType.F32 else 0)
+        return total
+
+    def _kv_bytes(self, n_layers: int) -> int:
+        item = 4 if self.kv_type == GGMLType.F32 else 2
+        return 2 * n_layers * self.n_ctx * self.args.kv_dim * item  # type: ignore[attr-defined]
+
+    def _setup(self, stage: Stage, progress: Callable[[int], None] | None = None) -> None:
+        b = stage.backend
+        align = b.hello().alignment
+        offsets: dict[str, int] = {}
+        size = 0
+        for n in stage.names:
+            offsets[n] = size
+            size = _align(size + self.gguf.tensor(n).nbytes, align)
+        stage.weight_bytes = size
+        stage.weights_buffer = b.alloc_buffer(size)
+        refs: dict[str, TensorRef] = {}
+        for n in stage.names:
+            t = self.gguf.tensor(n)
+            stage.bytes_sent += b.set_tensor(stage.weights_buffer, offsets[n], t.data, cache=True)
+            refs[n] = TensorRef(stage.weights_buffer, offsets[n], t.type, t.shape)
+            if progress:
+                progress(t.nbytes)
+        kv_dim = self.args.kv_dim  # type: ignore[attr-defined]
+        per = _align(self._kv_bytes(1) // 2, align)
+        stage.kv_bytes = per * 2 * len(stage.layers)
+        stage.kv_buffer = b.alloc_buffer(stage.kv_bytes)
+        gb = GraphBuilder()
+        kv_values = {}
+        for j, i in enumerate(stage.layers):
+            kv_values[i] = tuple(gb.tensor(TensorRef(stage.kv_buffer, (2 * j + h) * per, self.kv_type,
+                                                     (self.n_ctx, kv_dim))) for h in (0, 1))
+        self.arch.build_graph(gb, self.args, stage.layers, stage.first, stage.last,
+                              lambda n: gb.tensor(refs[n]), kv_values)
+        stage.graph_id = b.register_graph(gb.build())
+        stage.lost = False
+
+    def ensure_attached(self) -> None:
+        """Re-attach every stage whose node was lost; raises NodeUnavailable if one is still down."""
+        for s in self.stages:
+            if not s.lost and s.backend.alive:
+                continue
+            try:
+                s.backend.reconnect()
+                sent = s.bytes_sent
+                self._setup(s)
+            except BackendError as e:
+                s.lost = True
+                raise NodeUnavailable(f"node {s.backend.name} (layers {s.layers.start}-{s.layers.stop - 1}) "
+                                      f"is down: {e.message}", node=s.backend.name) from None
+            self.epoch += 1
+            log.warning("node %s re-attached (%d weight bytes re-sent); KV cache cleared",
+                        s.backend.name, s.bytes_sent - sent)
 
     def placement_table(self) -> str:
         rows = []
@@ -119,7 +166,15 @@ class Pipeline:
     # -- steps ------------------------------------------------------------------------------------
     def forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, cells: np.ndarray,
                 kv_pos: np.ndarray, kv_seq: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
-        """One step over every stage; returns logits F32[len(out_rows), n_vocab]."""
+        """One step over every stage; returns logits F32[len(out_rows), n_vocab].
+
+        Raises NodeUnavailable (naming the node) when a node is down or was just re-attached (its
+        KV cache is then empty, so the step's sequences must be recomputed: see `epoch`)."""
+        epoch = self.epoch
+        self.ensure_attached()
+        if self.epoch != epoch:
+            raise NodeUnavailable("a node was re-attached and its KV cache is empty; recompute the sequences",
+                                  node=None)
         common = {"pos": pos.astype(np.int32), "seq": seq.astype(np.int32), "cells": cells.astype(np.int32),
                   "kv_pos": kv_pos.astype(np.int32), "kv_seq": kv_seq.astype(np.int32)}
         hidden: np.ndarray | None = None
@@ -131,7 +186,12 @@ class Pipeline:
                 inputs["hidden"] = hidden
             if s.last:
                 inputs["out_rows"] = out_rows.astype(np.int32)
-            out = s.backend.compute(s.graph_id, inputs)
+            try:
+                out = s.backend.compute(s.graph_id, inputs)
+            except NodeUnavailable as e:
+                s.lost = True
+                raise NodeUnavailable(f"node {s.backend.name} (layers {s.layers.start}-{s.layers.stop - 1}) "
+                                      f"is gone: {e.message}", node=s.backend.name) from None
             hidden = out["logits"] if s.last else out["hidden"]
         return hidden
 
@@ -141,4 +201,3 @@ class Pipeline:
                 s.backend.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 log.debug("closing %s failed", s.backend.name, exc_info=True)
-

@@ -15,47 +15,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .tokenizer_bpe import ByteLevelBPE, byte_level_decode, resolve_pre
+from .tokenizer_special import (
+    ATTR_BYTE,
+    ATTR_CONTROL,
+    ATTR_LSTRIP,
+    ATTR_NORMAL,
+    ATTR_RSTRIP,
+    ATTR_SPECIAL,
+    ATTR_UNDEFINED,
+    ATTR_UNKNOWN,
+    ATTR_USER_DEFINED,
+    TYPE_TO_ATTR,
+    detect_specials,
+)
 from .tokenizer_spm import SPACE, SentencePieceBPE
 
 logger = logging.getLogger(__name__)
 
-# GGUF token types (tokenizer.ggml.token_type)
-TYPE_UNDEFINED, TYPE_NORMAL, TYPE_UNKNOWN, TYPE_CONTROL, TYPE_USER_DEFINED, TYPE_UNUSED, TYPE_BYTE = range(7)
-# llama_token_attr bits
-ATTR_UNDEFINED = 0
-ATTR_UNKNOWN = 1 << 0
-ATTR_UNUSED = 1 << 1
-ATTR_NORMAL = 1 << 2
-ATTR_CONTROL = 1 << 3
-ATTR_USER_DEFINED = 1 << 4
-ATTR_BYTE = 1 << 5
-ATTR_LSTRIP = 1 << 7
-ATTR_RSTRIP = 1 << 8
-_TYPE_TO_ATTR = {TYPE_UNKNOWN: ATTR_UNKNOWN, TYPE_UNUSED: ATTR_UNUSED, TYPE_NORMAL: ATTR_NORMAL,
-                 TYPE_CONTROL: ATTR_CONTROL, TYPE_USER_DEFINED: ATTR_USER_DEFINED, TYPE_BYTE: ATTR_BYTE}
-_ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL
-
-# token texts llama.cpp recognises when the GGUF does not name the token (in llama.cpp's order)
-_EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-              "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
-_EOM_TEXTS = ("<|eom_id|>",)
-_FIM_TEXTS = {
-    "fim_pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
-                "<|code_prefix|>", "<|prefix|>"),
-    "fim_suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
-                "<|code_suffix|>", "<|suffix|>"),
-    "fim_mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
-                "<|code_middle|>", "<|middle|>"),
-    "fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
-    "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-    "fim_sep": ("<|file_sep|>",),
-}
-_EOG_TEXTS = frozenset((
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-    "<｜end▁of▁sentence｜>", "[e~[",
-))
 _ID_KEYS = {  # our name -> GGUF key suffix (llama.cpp's LLM_KV_TOKENIZER_*_ID)
     "bos": "bos_token_id", "eos": "eos_token_id", "eot": "eot_token_id", "eom": "eom_token_id",
     "unk": "unknown_token_id", "sep": "seperator_token_id", "pad": "padding_token_id",
@@ -135,6 +111,8 @@ class Tokenizer:
         self.tokens: list[str] = []
         self._t2i: dict[str, int] = {}
         for i, text in enumerate(tokens):
+            if "\x00" in text:  # llama.cpp reads token texts as C strings
+                text = text[:text.index("\x00")]
             if not text:
                 logger.warning("empty token at index %d", i)
                 text = f"[EMPTY_{i}]"
@@ -145,7 +123,7 @@ class Tokenizer:
             self.tokens.append(text)
         self.n_vocab: int = n
         self.scores: list[float] = [float(s) for s in scores[:n]] if scores else [0.0] * n
-        self._attr: list[int] = ([_TYPE_TO_ATTR.get(t, ATTR_UNDEFINED) for t in types[:n]] if types
+        self._attr: list[int] = ([TYPE_TO_ATTR.get(t, ATTR_UNDEFINED) for t in types[:n]] if types
                                  else [ATTR_NORMAL] * n)
 
         # per-type defaults, then the GGUF keys (llama_vocab::impl::load)
@@ -186,7 +164,7 @@ class Tokenizer:
         if self.add_eos and ids["eos"] is None:
             raise ValueError("tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
 
-        self._detect_specials(ids, md)
+        self._eog = detect_specials(self.tokens, self._t2i, self._attr, ids, str(md.get("general.name") or ""))
         self.bos_id: int | None = ids["bos"]
         self.eos_id: int | None = ids["eos"]
         self.eot_id: int | None = ids["eot"]
@@ -224,60 +202,6 @@ class Tokenizer:
         md = {k: f.contents() for k, f in reader.fields.items()
               if k.startswith(("tokenizer.", "general."))}
         return cls(md)
-
-    def _detect_specials(self, ids: dict[str, int | None], md: Mapping[str, Any]) -> None:
-        """Text-based detection of EOT/EOM/FIM tokens and the end-of-generation set, as llama.cpp."""
-        attr, t2i = self._attr, self._t2i
-
-        def mark_control(tid: int) -> None:
-            if not attr[tid] & ATTR_CONTROL:
-                logger.debug("control-looking token %d %r was not control-type; overriding", tid,
-                             self.tokens[tid])
-                attr[tid] |= ATTR_CONTROL
-
-        for name, texts in (("eot", _EOT_TEXTS), ("eom", _EOM_TEXTS), *_FIM_TEXTS.items()):
-            if ids[name] is not None:
-                continue
-            for text in texts:  # llama.cpp takes the first hit in hash-map order; we use list order
-                tid = t2i.get(text)
-                if tid is not None:
-                    ids[name] = tid
-                    mark_control(tid)
-                    break
-        for tid, a in enumerate(attr):
-            if a & ATTR_CONTROL and not a & ATTR_UNUSED and "unused" in self.tokens[tid]:
-                attr[tid] |= ATTR_UNUSED
-
-        eog: set[int] = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids[k] is not None}
-        for text in _EOG_TEXTS:
-            tid = t2i.get(text)
-            if tid is not None:
-                eog.add(tid)
-                mark_control(tid)
-        for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
-            tid = t2i.get(text)
-            if tid is not None:
-                attr[tid] = ATTR_USER_DEFINED
-        eog.update(ids[k] for k in ("eos", "eot", "eom") if ids[k] is not None)
-        eog_texts = {self.tokens[t]: t for t in eog}
-        has_call = "<|call|>" in eog_texts or "<|calls|>" in eog_texts
-        if "<|end|>" in eog_texts and has_call and ("<|return|>" in eog_texts or "<|flush|>" in eog_texts):
-            eog.discard(eog_texts["<|end|>"])
-            attr[eog_texts["<|end|>"]] = ATTR_USER_DEFINED
-        if "<|tool_response>" in eog_texts and "</s>" in eog_texts:
-            eog.discard(eog_texts["</s>"])
-            attr[eog_texts["</s>"]] = ATTR_NORMAL
-        self._eog = frozenset(eog)
-
-        name = str(md.get("general.name") or "").lower()
-        if any(s in name for s in ("phi-3", "phi3")):
-            for tid, a in enumerate(attr):
-                if a & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN):
-                    attr[tid] |= ATTR_RSTRIP
-            for text, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
-                tid = t2i.get(text)
-                if tid is not None:
-                    attr[tid] = attr[tid] | ATTR_RSTRIP if on else attr[tid] & ~ATTR_RSTRIP
 
     # ---------------------------------------------------------------- encode
     def _partition(self, text: str, parse_special: bool) -> list[int | str]:
@@ -357,7 +281,7 @@ class Tokenizer:
         piece = self._pieces[tid]
         if piece is None:
             text, a = self.tokens[tid], self._attr[tid]
-            if a & (_ATTR_SPECIAL | ATTR_USER_DEFINED):
+            if a & (ATTR_SPECIAL | ATTR_USER_DEFINED):
                 piece = text.encode("utf-8")
             elif a & ATTR_NORMAL:
                 piece = (text.replace(SPACE, " ").encode("utf-8") if self.model == "llama"
@@ -380,7 +304,7 @@ class Tokenizer:
         """Raw bytes of one token (llama_token_to_piece). ``special=False`` renders control and
         unknown tokens as nothing."""
         self._check_id(id)
-        if not special and self._attr[id] & _ATTR_SPECIAL:
+        if not special and self._attr[id] & ATTR_SPECIAL:
             return b""
         return self._piece(id)
 

@@ -91,7 +91,8 @@ def _table() -> dict[str, PreType]:
     t["deepseek-llm"] = PreType("deepseek-llm", clean_spaces=False)
     t["deepseek-coder"] = PreType("deepseek-coder", clean_spaces=False)
     t["falcon"] = PreType("falcon")
-    for n in ("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
+    # "gpt2" is no llama.cpp name (llama.cpp rejects it); taken here as the obvious alias of "gpt-2"
+    for n in ("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0",
               "mellum", "modern-bert", "jina-v1-en", "jina-v2-code", "roberta-bpe", "mpt", "olmo", "jais",
               "exaone4"):
         t[n] = PreType("gpt2")
@@ -176,6 +177,13 @@ class ByteLevelBPE:
             pre_tokenizers.Split(Regex(_to_onig(r)), behavior="isolated") for r in REGEXES[pre.regexes]
         ]
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False))
+        # A byte with no token stays a symbol in llama.cpp's merge loop (it is dropped only at the
+        # end), so it keeps its neighbours from merging; HF BPE would drop it first. Cutting the
+        # word at such bytes gives llama.cpp's result.
+        missing = [c for c in BYTE_TO_CHAR.values() if c not in token_to_id]
+        if missing:
+            cls = "".join(f"\\x{{{ord(c):04X}}}" for c in missing)
+            steps.append(pre_tokenizers.Split(Regex(f"[{cls}]"), behavior="isolated"))
         tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
         self._tok = tok
         self.pre = pre

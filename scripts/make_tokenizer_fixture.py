@@ -15,7 +15,8 @@ llama.cpp is reached through llama-cpp-python's low-level API with ``vocab_only=
 
 Each fixture records, per string: the ids with parse_special on and off, llama_detokenize's
 output, plus the model's BOS/EOS/EOT, add_bos/add_eos, the end-of-generation ids, the non-normal
-token attributes and a hash of every token's piece.
+token attributes and a hash of every token's piece; for the first 25 strings also the ids
+with add_special and their llama_detokenize(remove_special=True, unparse_special=False).
 """
 from __future__ import annotations
 
@@ -192,6 +193,9 @@ def make_fixture(name: str, path: str, source: str) -> dict:
             case["ids_plain"] = plain
         if i < 25:
             case["ids_add_special"] = v.tokenize(s, True, True)
+            skip = v.detokenize(case["ids_add_special"], True, False)
+            if skip != s.encode("utf-8"):
+                case["detok_skip_hex"] = skip.hex()
         detok = v.detokenize(case["ids"], False, True)
         if detok != s.encode("utf-8"):
             case["detok_hex"] = detok.hex()

@@ -74,14 +74,31 @@ def write_vocab_gguf(path: str, md: Mapping[str, Any]) -> None:
 
 def bpe_variant_metadata(real_md: Mapping[str, Any], pre: str) -> dict[str, Any]:
     """The real model's BPE vocabulary with another ``tokenizer.ggml.pre``; add_bos/add_space_prefix
-    are left out so llama.cpp's per-pre defaults apply."""
+    are left out so llama.cpp's per-pre defaults apply.
+
+    SmolLM2's vocabulary has no multi-digit tokens, which would hide how each pre-tokenizer groups
+    digits; so 2- and 3-digit tokens and ' '+digits tokens (with their merges, ranked last) are
+    appended.
+    """
     keep = ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "unknown_token_id",
             "padding_token_id")
     md: dict[str, Any] = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre}
     for k in keep:
         key = "tokenizer.ggml." + k
         if key in real_md:
-            md[key] = real_md[key]
+            md[key] = list(real_md[key]) if isinstance(real_md[key], list) else real_md[key]
+    tokens, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
+    have = set(tokens)
+    digits = "0123456789"
+    extra = [(a, b) for a in digits for b in digits]
+    extra += [(a + b, c) for a in digits for b in digits for c in digits]
+    extra += [("\u0120", a) for a in digits] + [("\u0120" + a, b) for a in digits for b in digits]
+    for left, right in extra:
+        if left + right not in have:
+            have.add(left + right)
+            tokens.append(left + right)
+            types.append(NORMAL)
+            merges.append(f"{left} {right}")
     return md
 
 
