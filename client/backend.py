@@ -5,7 +5,6 @@ import abc
 import dataclasses
 
 import numpy as np
-
 from llamarpc.proto import pb
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from llamarpc.proto import pb
 from llamarpc.proto.types import GGMLType

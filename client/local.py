@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from llamarpc.proto import PROTOCOL_VERSION, pb
 from llamarpc.rpcserver.node import Node
 

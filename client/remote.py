@@ -10,11 +10,11 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
-
 from llamarpc.proto import PROTOCOL_VERSION, pb, pb_grpc
 from llamarpc.proto.arrays import array_from_pb, array_to_pb
 from llamarpc.proto.errors import ERROR_BY_STATUS, BackendError, NodeUnavailable, Status
@@ -62,7 +62,10 @@ class RemoteBackend(Backend):
         self._close_channel()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0)]
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0),
+                # a fresh connection on reconnect: never a shared subchannel still backing off
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
         if self._tls_server_name:
             opts.append(("grpc.ssl_target_name_override", self._tls_server_name))
         if self._tls_ca is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from llamarpc.client import Backend
 from llamarpc.proto.types import GGMLType

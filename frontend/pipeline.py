@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Callable, Sequence
 
 import numpy as np
-
 from llamarpc.client import Backend, GraphBuilder, TensorRef
 from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType

@@ -1,7 +1,7 @@
 """Placement: which contiguous layer range goes to which backend."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def split_layers(n_layer: int, ratios: Sequence[float]) -> list[range]:

@@ -13,7 +13,6 @@ import uuid
 from typing import Any
 
 import numpy as np
-
 from llamarpc.proto import PROTOCOL_VERSION, pb
 from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, NotFound
 from llamarpc.proto.types import SUPPORTED_TYPES

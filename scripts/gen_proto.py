@@ -21,9 +21,8 @@ OUTPUTS = ("llamarpc_pb2.py", "llamarpc_pb2.pyi", "llamarpc_pb2_grpc.py")
 
 
 def generate(out_dir: Path) -> None:
-    from grpc_tools import protoc  # deferred: only this script needs grpcio-tools
-
     import grpc_tools
+    from grpc_tools import protoc  # deferred: only this script needs grpcio-tools
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     rc = protoc.main([

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
 
 # Types gguf-py can quantize to (we write real quantized data) ...

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import FIXTURES
-
 from llamarpc.frontend.generate import Generator
 from llamarpc.frontend.sampling import Sampler, SamplingParams
 

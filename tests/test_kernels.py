@@ -8,7 +8,6 @@ import array_api_strict
 import numpy as np
 import pytest
 from array_api_compat import array_namespace
-
 from llamarpc.rpcserver import kernels as K
 
 NAMESPACES = ["numpy", "strict"]

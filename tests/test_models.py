@@ -8,12 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from synth import KQUANTS, QUANTIZABLE, reference_logits, write_model
-
 from llamarpc.client.local import LocalBackend
 from llamarpc.frontend.generate import Generator
 from llamarpc.frontend.gguf_file import ModelLoadError
 from llamarpc.frontend.model import load_model
+from synth import KQUANTS, QUANTIZABLE, reference_logits, write_model
 
 TOKENS = [5, 70, 100, 3, 200, 33, 150, 261]
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from llamarpc.client import GraphBuilder, TensorRef
 from llamarpc.client.local import LocalBackend
 from llamarpc.proto import pb

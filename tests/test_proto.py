@@ -13,7 +13,6 @@ def test_generated_stubs_are_fresh():
 def test_array_roundtrip_and_rejections():
     import numpy as np
     import pytest
-
     from llamarpc.proto import pb
     from llamarpc.proto.arrays import array_from_pb, array_to_pb
     from llamarpc.proto.errors import InvalidArgument

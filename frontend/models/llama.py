@@ -7,7 +7,8 @@ ggml's "normal" rope (adjacent pairs), so rope mode 0 is used here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from llamarpc.client import GraphBuilder, Value
 from llamarpc.proto.types import GGMLType

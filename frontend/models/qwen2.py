@@ -4,7 +4,8 @@ The llama block with biases on Q, K and V and neox-style rope; the rest of the g
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from . import llama
 from .llama import build_graph, tensor_names

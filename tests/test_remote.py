@@ -1,0 +1,126 @@
+"""The model split over real llamarpc-server processes on 127.0.0.1: same logits as in process,
+the weight cache, losing and re-attaching a node, placement by capacity."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from llamarpc.client.local import LocalBackend
+from llamarpc.client.remote import RemoteBackend
+from llamarpc.frontend.generate import Generator
+from llamarpc.frontend.model import load_model
+from llamarpc.frontend.placement import PlacementError
+from llamarpc.frontend.sampling import Sampler, SamplingParams
+from llamarpc.proto.errors import NodeUnavailable
+from nodeproc import start_node
+from threadpoolctl import threadpool_limits
+
+REF = json.loads((FIXTURES / "smollm2_ref.json").read_text())
+REF_LOGITS = np.load(FIXTURES / "smollm2_ref_logits.npy")
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nodes")
+    nodes = [start_node(tmp), start_node(tmp)]
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def _load(model_path, nodes, split=None):
+    return load_model(str(model_path), [RemoteBackend(n.address) for n in nodes], n_ctx=512, tensor_split=split)
+
+
+@pytest.mark.parametrize("n_nodes,split", [(1, None), (2, [3, 1])])
+def test_split_model_is_bitwise_equal_to_local(model_path, two_nodes, n_nodes, split):
+    # the nodes run one BLAS thread; so does the in-process node here (threads change sgemm's sums)
+    limits = threadpool_limits(1)
+    local = load_model(str(model_path), [LocalBackend()], n_ctx=512)
+    remote = _load(model_path, two_nodes[:n_nodes], split)
+    try:
+        assert len(remote.pipeline.stages) == n_nodes
+        for i, p in enumerate(REF["prompts"][:3]):
+            a = Generator(local).eval(p["ids"])
+            b = Generator(remote).eval(p["ids"])
+            assert np.array_equal(a, b), p["name"]
+            assert np.abs(b - REF_LOGITS[i]).max() <= 1e-3
+        p = REF["prompts"][1]
+        out = list(Generator(remote).generate(p["ids"], 32, Sampler(GREEDY), ignore_eos=True))
+        assert out == p["greedy_ids"]
+    finally:
+        limits.restore_original_limits()
+        local.close()
+        remote.close()
+
+
+def test_second_start_sends_no_weight_bytes(model_path, tmp_path):
+    nodes = [start_node(tmp_path), start_node(tmp_path)]
+    try:
+        cold = _load(model_path, nodes)
+        total = sum(s.weight_bytes for s in cold.pipeline.stages)
+        assert cold.pipeline.bytes_sent >= 0.9 * total > 0
+        cold.close()
+        warm = _load(model_path, nodes)
+        assert warm.pipeline.bytes_sent == 0
+        p = REF["prompts"][0]
+        assert np.abs(Generator(warm).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
+        warm.close()
+        # the cache is on disk: it survives a node restart
+        nodes[1].restart()
+        again = _load(model_path, nodes)
+        assert again.pipeline.bytes_sent == 0
+        again.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_kill9_node_between_generations_then_reattach(model_path, tmp_path):
+    nodes = [start_node(tmp_path), start_node(tmp_path)]
+    model = _load(model_path, nodes)
+    try:
+        g = Generator(model)
+        ids = REF["prompts"][0]["ids"]
+        first = list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
+        nodes[1].kill9()
+        with pytest.raises(NodeUnavailable) as e:
+            list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
+        assert nodes[1].address in str(e.value)
+        nodes[1].restart()
+        sent = model.pipeline.bytes_sent
+        again = list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
+        assert again == first
+        assert model.pipeline.bytes_sent == sent  # weights came back from the node's cache
+    finally:
+        model.close()
+        for n in nodes:
+            n.stop()
+
+
+def test_model_larger_than_one_node_is_split(model_path, tmp_path):
+    # each node offers 450 MiB: the model needs more than that (weights + float copies + KV)
+    nodes = [start_node(tmp_path, "--mem", "450"), start_node(tmp_path, "--mem", "450")]
+    try:
+        with pytest.raises(PlacementError, match="short by"):
+            _load(model_path, nodes[:1])
+        model = _load(model_path, nodes)
+        assert [len(s.layers) > 0 for s in model.pipeline.stages] == [True, True]
+        p = REF["prompts"][0]
+        assert np.abs(Generator(model).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
+        model.close()
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_unreachable_node_is_a_typed_error_naming_it(tmp_path):
+    node = start_node(tmp_path)
+    addr = node.address
+    node.stop()
+    with pytest.raises(NodeUnavailable) as e:
+        RemoteBackend(addr, connect_timeout=3)
+    assert addr in str(e.value)
