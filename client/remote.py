@@ -64,7 +64,7 @@ class RemoteBackend(Backend):
                 ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0),
                 # a fresh connection on reconnect: never a shared subchannel still backing off
-                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
         if self._tls_server_name:
             opts.append(("grpc.ssl_target_name_override", self._tls_server_name))

@@ -32,9 +32,12 @@ def array_from_pb(msg: pb.Array, what: str = "array") -> np.ndarray:
     shape = tuple(msg.shape)
     if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
         raise InvalidArgument(f"{what}: bad shape {list(shape)}")
-    n = 1
+    n = span = 1
     for d in shape:
         n *= d
+        span *= max(d, 1)
+    if span * dtype.itemsize >= 1 << 62:   # numpy refuses even an empty array whose other dims overflow
+        raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
     if n * dtype.itemsize != len(msg.data):
         raise InvalidArgument(
             f"{what}: shape {list(shape)} of {t.name} needs {n * dtype.itemsize} bytes, got {len(msg.data)}")

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total memory to offer (default: the machine's physical memory)")
     p.add_argument("-c", "--cache-dir", default=_env("CACHE_DIR", default_cache_dir()),
                    help="on-disk weight cache ('' disables)")
+    p.add_argument("--cache-size", type=int, default=int(_env("CACHE_SIZE", 65536)), metavar="MiB",
+                   help="bound on the weight cache on disk; least recently used weights are evicted (default 65536)")
     p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE"), help="file holding the shared secret")
     p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key")
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"llamarpc-server: error: {e}", file=sys.stderr)
         return 2
-    cache = TensorCache(args.cache_dir or None)
+    cache = TensorCache(args.cache_dir or None, max_total=args.cache_size << 20)
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     try:
         server, port, _ = make_server(node, f"{host}:{args.port}", cache=cache, token=token, tls=tls)

@@ -16,7 +16,7 @@ import numpy as np
 from gguf.quants import dequantize
 
 from llamarpc.proto import pb
-from llamarpc.proto.errors import FailedPrecondition, InvalidArgument
+from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llamarpc.proto.types import ACTIVATION_DTYPES, PLAIN_DTYPES, GGMLType, parse_type
 
 from . import kernels as K
@@ -29,6 +29,12 @@ MAX_INPUTS = 256
 MAX_TENSORS = 1 << 16
 MAX_SYMBOL_VALUE = 1 << 24
 MAX_NAME = 128
+# A Compute may hold this many times the node's capacity (at least MIN_SCRATCH) in intermediate
+# values; an op whose output the shapes say would pass that is refused before anything is allocated.
+SCRATCH_FACTOR = 2
+MIN_SCRATCH = 256 << 20
+# K.pool loops over the sequences, each pass over all rows: bound sequences x elements.
+MAX_POOL_WORK = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +193,11 @@ class WeightCache:
         self._items[key] = (buf.generation, arr)
         return arr
 
+    def drop_buffer(self, session: str, buffer_id: int) -> None:
+        for key in [k for k in self._items if k[0] == session and k[1].buffer_id == buffer_id]:
+            del self._items[key]
+            self.memory.release_extra(repr(key))
+
     def drop_session(self, session: str) -> None:
         for key in [k for k in self._items if k[0] == session]:
             del self._items[key]
@@ -198,6 +209,8 @@ def gather_rows(memory: Memory, session: str, ts: TensorSpec, ids: np.ndarray) -
     _, raw = memory.view(session, ts.buffer_id, ts.offset, ts.type, ts.shape)
     if len(ts.shape) != 2:
         raise InvalidArgument(f"get_rows: the table must be 2-d, got {list(ts.shape)}")
+    if ids.dtype.kind not in "iu":
+        raise InvalidArgument(f"get_rows: ids must be I32, not {ids.dtype}")
     if ids.ndim != 1 or (ids.size and (int(ids.min()) < 0 or int(ids.max()) >= ts.shape[0])):
         raise InvalidArgument(f"get_rows: ids must be a 1-d array in [0, {ts.shape[0]})")
     dev = memory.device
@@ -234,6 +247,32 @@ def bind_inputs(plan: Plan, given: dict[str, np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, int]:
+    """(kept, transient) bytes an op is about to allocate, from its argument shapes alone: the
+    output (which lives until the Compute ends) and the temporaries it makes on the way."""
+    kept = max((_numel(s) for s in shapes), default=0)   # elementwise, norms, rope, pool, attention out
+    transient = 2 * kept
+    if t in (pb.ADD, pb.MUL):
+        try:
+            kept = _numel(np.broadcast_shapes(shapes[0], shapes[1]))
+        except ValueError:
+            pass   # the kernel reports the mismatch
+    elif t == pb.MATMUL and shapes[0] and shapes[1]:
+        kept = shapes[0][0] * shapes[1][0]
+    elif t == pb.GET_ROWS and shapes[0] and shapes[1]:
+        kept = shapes[1][0] * shapes[0][-1]
+    elif t == pb.ATTENTION and shapes[0] and shapes[8]:
+        transient = 3 * max(0, attrs.n_head) * shapes[0][0] * shapes[8][0]   # scores, exp, probs
+    return 4 * kept, 4 * transient
+
+
 def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
             given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not plan.alive:
@@ -257,9 +296,20 @@ def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
             return tensor(idx)
         return values[idx]
 
+    def shape(idx: int) -> tuple[int, ...]:
+        return plan.tensors[idx - n_in].shape if n_in <= idx < n_in + n_t else tuple(values[idx].shape)
+
+    limit = max(SCRATCH_FACTOR * memory.capacity, MIN_SCRATCH)
+    scratch = 0
     try:
         for j, op in enumerate(plan.ops):
             a, t, at = op.args, op.type, op.attrs
+            kept, transient = _op_bytes(t, [shape(i) for i in a], at)
+            if scratch + kept + transient > limit:
+                raise ResourceExhausted(
+                    f"op {j} ({pb.OpType.Name(t)}) would need {kept + transient} bytes on top of {scratch} "
+                    f"already held by this Compute; the limit is {limit}")
+            scratch += kept
             if t == pb.GET_ROWS and n_in <= a[0] < n_in + n_t:
                 ids = arg(a[1])
                 out = gather_rows(memory, session, plan.tensors[a[0] - n_in], dev.to_host(ids))
@@ -297,6 +347,8 @@ def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
             elif t == pb.POOL:
                 seq = arg(a[1])
                 n_seq = int(xp.max(seq)) + 1 if seq.shape[0] else 0
+                if n_seq * max(1, _numel(shape(a[0]))) > MAX_POOL_WORK:
+                    raise ResourceExhausted(f"pool: {n_seq} sequences over {list(shape(a[0]))} is too much work")
                 out = K.pool(xp, arg(a[0]), seq, at.pooling, n_seq)
             else:  # compile_graph admits only known ops
                 raise AssertionError(f"unhandled op {t}")

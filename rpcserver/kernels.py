@@ -135,18 +135,17 @@ def rope(xp: Any, x: Array, pos: Array, head_dim: int, n_dims: int, mode: int,
 
 
 def write_cells(xp: Any, cache: Array, cells: Array, new: Array) -> None:
-    """cache[cells[t]] = new[t]; one slice assignment when the cells are a contiguous run."""
+    """cache[cells[t]] = new[t], one slice assignment per run of consecutive cells (the array API
+    has no integer-array assignment; runs are few: the frontend allocates cells in order)."""
     n = cells.shape[0]
     if n == 0:
         return
     new = xp.astype(new, cache.dtype)
-    first = int(cells[0])
-    if n == 1 or bool(xp.all(cells == xp.arange(first, first + n, dtype=cells.dtype))):
-        cache[first:first + n, ...] = new
-        return
-    for t in range(n):
-        c = int(cells[t])
-        cache[c:c + 1, ...] = new[t:t + 1, ...]
+    breaks = xp.nonzero(cells[1:] != cells[:-1] + 1)[0] if n > 1 else xp.zeros((0,), dtype=xp.int64)
+    starts = [0] + [int(b) + 1 for b in breaks] + [n]
+    for a, b in zip(starts[:-1], starts[1:]):
+        c = int(cells[a])
+        cache[c:c + (b - a), ...] = new[a:b, ...]
 
 
 def attention_mask(xp: Any, tok_pos: Array, tok_seq: Array, kv_pos: Array, kv_seq: Array,

@@ -118,7 +118,10 @@ class Memory:
     def read(self, session: str, buffer_id: int, offset: int, size: int) -> np.ndarray:
         buf = self.get(session, buffer_id)
         buf.check_range(offset, size, "read")
-        return self.device.to_host(buf.data[offset:offset + size])
+        data = buf.data   # reads take no node lock: the buffer may be freed under us
+        if data is None:
+            raise NotFound(f"no buffer {buffer_id} in this session")
+        return self.device.to_host(data[offset:offset + size])
 
     def clear(self, session: str, buffer_id: int, value: int) -> None:
         if not 0 <= value <= 255:

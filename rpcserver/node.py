@@ -91,6 +91,7 @@ class Node:
         self.check_session(session)
         with self._lock:
             self.memory.free_buffer(session, buffer_id)
+            self.weights.drop_buffer(session, buffer_id)
             for plan in self._graphs.get(session, {}).values():
                 if buffer_id in plan.buffers:
                     plan.alive = False
@@ -121,7 +122,9 @@ class Node:
     def register_graph(self, session: str, graph: pb.Graph) -> int:
         self.check_session(session)
         with self._lock:
-            graphs = self._graphs[session]
+            graphs = self._graphs.get(session)
+            if graphs is None:
+                raise FailedPrecondition("the session was closed")
             if len(graphs) >= MAX_GRAPHS_PER_SESSION:
                 raise InvalidArgument(f"a session may register at most {MAX_GRAPHS_PER_SESSION} graphs")
             plan = compile_graph(graph, self.memory, session)
@@ -135,13 +138,13 @@ class Node:
     def release_graph(self, session: str, graph_id: int) -> None:
         self.check_session(session)
         with self._lock:
-            if self._graphs[session].pop(graph_id, None) is None:
+            if self._graphs.get(session, {}).pop(graph_id, None) is None:
                 raise NotFound(f"no graph {graph_id} in this session")
 
     def compute(self, session: str, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.check_session(session)
         with self._lock:
-            plan = self._graphs[session].get(graph_id)
+            plan = self._graphs.get(session, {}).get(graph_id)
             if plan is None:
                 raise NotFound(f"no graph {graph_id} in this session")
             return execute(plan, self.memory, self.weights, session, inputs)

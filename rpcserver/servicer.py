@@ -62,24 +62,40 @@ def _session(context: grpc.ServicerContext) -> str:
 
 
 class BackendServicer(pb_grpc.BackendServicer):
-    def __init__(self, node: Node, cache: TensorCache) -> None:
+    def __init__(self, node: Node, cache: TensorCache, max_sessions: int = 16) -> None:
         self.node = node
         self.cache = cache
         self.bytes_received = 0
+        # each open session holds a server thread (its Hello stream): cap them so that threads are
+        # always left for the other calls
+        self.max_sessions = max_sessions
+        self._open_sessions = 0
+        self._sessions_lock = threading.Lock()
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> Iterator[pb.HelloReply]:
+        with self._sessions_lock:
+            full = self._open_sessions >= self.max_sessions
+            if not full:
+                self._open_sessions += 1
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the node has its maximum of {self.max_sessions} sessions open")
         try:
-            reply = self.node.hello(request.protocol_version, request.client_name)
-        except BackendError as e:
-            context.abort(_CODES[e.status.value], e.message)
-        done = threading.Event()
-        context.add_callback(done.set)
-        try:
-            yield reply
-            while context.is_active() and not done.wait(5.0):
-                pass
+            try:
+                reply = self.node.hello(request.protocol_version, request.client_name)
+            except BackendError as e:
+                context.abort(_CODES[e.status.value], e.message)
+            done = threading.Event()
+            context.add_callback(done.set)
+            try:
+                yield reply
+                while context.is_active() and not done.wait(5.0):
+                    pass
+            finally:
+                self.node.close_session(reply.session_id)
         finally:
-            self.node.close_session(reply.session_id)
+            with self._sessions_lock:
+                self._open_sessions -= 1
 
     @_guard
     def GetMemory(self, request: pb.GetMemoryRequest, context: grpc.ServicerContext) -> pb.MemoryReply:
@@ -239,7 +255,7 @@ def make_server(node: Node, address: str, *, cache: TensorCache | None = None, t
     interceptors = [_TokenAuth(token)] if token else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
                          options=channel_options(), maximum_concurrent_rpcs=max_workers * 4)
-    servicer = BackendServicer(node, cache or TensorCache(None))
+    servicer = BackendServicer(node, cache or TensorCache(None), max_sessions=max(1, max_workers // 2))
     pb_grpc.add_BackendServicer_to_server(servicer, server)
     hs = health.HealthServicer()
     hs.set("", health_pb2.HealthCheckResponse.SERVING)

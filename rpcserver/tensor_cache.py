@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 
 
 class TensorCache:
-    def __init__(self, directory: str | os.PathLike | None, max_bytes: int = 1 << 40) -> None:
+    def __init__(self, directory: str | os.PathLike | None, max_total: int = 64 << 30) -> None:
+        """`max_total` bounds the whole cache on disk: least recently used files go first."""
         self.dir = Path(directory) if directory else None
-        self.max_bytes = max_bytes
+        self.max_total = max_total
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -45,14 +46,19 @@ class TensorCache:
             log.warning("cache file %s does not match its hash; dropping it", p.name)
             p.unlink(missing_ok=True)
             return None
+        try:
+            os.utime(p)  # recently used: evicted last
+        except OSError:
+            pass
         return data
 
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
-        if self.dir is None or len(digest) != 32 or len(data) > self.max_bytes:
+        if self.dir is None or len(digest) != 32 or len(data) > self.max_total:
             return
         p = self._path(digest)
         if p.exists():
             return
+        self._evict(self.max_total - len(data))
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -61,3 +67,22 @@ class TensorCache:
         except OSError:
             log.warning("could not write cache file %s", p, exc_info=True)
             Path(tmp).unlink(missing_ok=True)
+
+    def _evict(self, budget: int) -> None:
+        """Delete least recently used files until the cache holds at most `budget` bytes."""
+        assert self.dir is not None
+        files = []
+        for f in self.dir.iterdir():
+            if len(f.name) == 64:
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                files.append((st.st_mtime, st.st_size, f))
+        total = sum(s for _, s, _ in files)
+        for _, size, f in sorted(files):
+            if total <= budget:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+            log.info("cache: evicted %s (%d bytes)", f.name[:12], size)

@@ -146,3 +146,40 @@ def test_runtime_shape_errors_are_invalid_argument(backend):
 def test_protocol_version_mismatch():
     with pytest.raises(FailedPrecondition, match="client speaks 99, node speaks 1"):
         Node("cpu", capacity=1 << 20).hello(99)
+
+
+def test_tensor_cache_roundtrip_corruption_and_eviction(tmp_path):
+    import hashlib
+
+    from llamarpc.rpcserver.tensor_cache import TensorCache
+
+    c = TensorCache(tmp_path, max_total=250)
+    blobs = [bytes([i]) * 100 for i in range(3)]
+    digests = [hashlib.sha256(b).digest() for b in blobs]
+    c.put(digests[0], blobs[0])
+    assert c.get(digests[0], 100) == blobs[0]
+    assert c.get(digests[0], 99) is None                      # size must match too
+    assert TensorCache(tmp_path).get(digests[0], 100) == blobs[0]   # survives a restart
+    (tmp_path / digests[0].hex()).write_bytes(b"\x09" * 100)  # corrupted on disk: a miss, dropped
+    assert c.get(digests[0], 100) is None and not (tmp_path / digests[0].hex()).exists()
+    for d, b in zip(digests, blobs):
+        c.put(d, b)
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) <= 250   # bounded: the oldest went
+    assert c.get(digests[2], 100) == blobs[2]
+
+
+def test_free_buffer_releases_weight_copies():
+    node = Node("cpu", capacity=1 << 24)
+    b = LocalBackend(node=node)
+    from gguf.quants import quantize
+
+    buf = b.alloc_buffer(4096)
+    w = quantize(np.ones((8, 64), np.float32), T.Q8_0)
+    b.set_tensor(buf, 0, w)
+    gb = GraphBuilder()
+    x = gb.input("x", T.F32, ("n", 64))
+    gb.output("y", gb.matmul(x, gb.tensor(TensorRef(buf, 0, T.Q8_0, (8, 64)))))
+    b.register_graph(gb.build())
+    assert node.memory.used == 4096 + 8 * 64 * 4    # the buffer and the float copy
+    b.free_buffer(buf)
+    assert node.memory.used == 0
