@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 from gguf.quants import dequantize
-
 from llamarpc.proto import pb
 from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from llamarpc.proto.types import ACTIVATION_DTYPES, PLAIN_DTYPES, GGMLType, parse_type
 
 from . import kernels as K
-from .memory import Buffer, Memory
+from .memory import Memory
 
 log = logging.getLogger(__name__)
 

@@ -164,7 +164,8 @@ def attention(xp: Any, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Ar
     """Write the new K/V rows into the caches at `cells`, then attend over the first L cells."""
     n = q.shape[0]
     kvw = n_head_kv * head_dim
-    _check(q.ndim == 2 and q.shape[1] == n_head * head_dim, f"attention: q must be [N, {n_head * head_dim}], got {tuple(q.shape)}")
+    _check(q.ndim == 2 and q.shape[1] == n_head * head_dim,
+           f"attention: q must be [N, {n_head * head_dim}], got {tuple(q.shape)}")
     for name, a in (("k", k), ("v", v)):
         _check(a.shape == (n, kvw), f"attention: {name} must be [{n}, {kvw}], got {tuple(a.shape)}")
     for name, a in (("k_cache", k_cache), ("v_cache", v_cache)):

@@ -10,9 +10,8 @@ import threading
 from typing import Any
 
 import numpy as np
-
 from llamarpc.proto.errors import InvalidArgument, NotFound, ResourceExhausted
-from llamarpc.proto.types import GGMLType, PLAIN_DTYPES, tensor_nbytes
+from llamarpc.proto.types import PLAIN_DTYPES, GGMLType, tensor_nbytes
 
 from .device import Device
 

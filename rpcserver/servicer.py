@@ -11,12 +11,12 @@ import hashlib
 import hmac
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from llamarpc.proto import pb, pb_grpc
 from llamarpc.proto.arrays import array_from_pb, array_to_pb
 from llamarpc.proto.errors import BackendError, FailedPrecondition, InvalidArgument
