@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import Callable
 
 import numpy as np
 from llamarpc.proto import pb
@@ -47,6 +48,17 @@ class Backend(abc.ABC):
                    cache: bool = False) -> int:
         """Write bytes at `offset`; with `cache`, weights may come from the node's cache.
         Returns the number of bytes actually sent."""
+
+    def set_tensors(self, items: list[tuple[int, int, np.ndarray]], cache: bool = False,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Write many (buffer_id, offset, data) at once; returns the bytes actually sent.
+        `progress(nbytes)` is called as each item is done."""
+        sent = 0
+        for buffer_id, offset, data in items:
+            sent += self.set_tensor(buffer_id, offset, data, cache=cache)
+            if progress:
+                progress(int(np.asarray(data).nbytes))
+        return sent
 
     @abc.abstractmethod
     def get_tensor(self, buffer_id: int, offset: int, size: int) -> bytes: ...

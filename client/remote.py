@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -187,7 +187,9 @@ class RemoteBackend(Backend):
                 buffer_id=buffer_id, offset=offset, size=mv.nbytes, sha256=digest), retries=2)
             if r.hit:
                 return 0
+        return self._stream(buffer_id, offset, mv, digest, cache)
 
+    def _stream(self, buffer_id: int, offset: int, mv: memoryview, digest: bytes, cache: bool) -> int:
         def chunks() -> Iterator[pb.SetTensorChunk]:
             header = pb.SetTensorHeader(buffer_id=buffer_id, offset=offset, size=mv.nbytes, sha256=digest, cache=cache)
             if mv.nbytes == 0:
@@ -203,6 +205,34 @@ class RemoteBackend(Backend):
             raise self._error(e) from None
         self.bytes_sent += mv.nbytes
         return mv.nbytes
+
+    def set_tensors(self, items: list[tuple[int, int, np.ndarray]], cache: bool = False,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Ask the node's cache for every item at once (pipelined), then stream the misses."""
+        if not cache:
+            return super().set_tensors(items, cache, progress)
+        views = [_bytes_view(d) for _, _, d in items]
+        digests = [hashlib.sha256(v).digest() for v in views]
+        def ask(i: int) -> Any:
+            (bid, off, _), v, d = items[i], views[i], digests[i]
+            req = pb.SetTensorFromCacheRequest(buffer_id=bid, offset=off, size=v.nbytes, sha256=d)
+            return self._stub.SetTensorFromCache.future(req, metadata=self._metadata(), timeout=self.timeout)
+
+        window = 16   # requests in flight; a node admits a bounded number of concurrent calls
+        futures = {i: ask(i) for i in range(min(window, len(items)))}
+        sent = 0
+        for i, ((bid, off, _), v, d) in enumerate(zip(items, views, digests)):
+            try:
+                hit = futures.pop(i).result().hit
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+            if i + window < len(items):
+                futures[i + window] = ask(i + window)
+            if not hit:
+                sent += self._stream(bid, off, v, d, True)
+            if progress:
+                progress(v.nbytes)
+        return sent
 
     def get_tensor(self, buffer_id: int, offset: int, size: int) -> bytes:
         try:

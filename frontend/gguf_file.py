@@ -80,6 +80,23 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.u64())).decode("utf-8", errors="surrogateescape")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` length-prefixed strings (the vocabulary: the hot loop of parsing)."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Truncated(f"string at offset {pos}")
+            n = unpack("<Q", buf, pos)[0]
+            pos += 8
+            if n > end - pos:
+                raise _Truncated(f"string of {n} bytes at offset {pos}")
+            out.append(bytes(buf[pos:pos + n]).decode("utf-8", errors="surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
@@ -94,6 +111,8 @@ class _Cursor:
                 return np.frombuffer(self.take(count * item), dtype=_NP[etype]).tolist()
             if count > len(self.buf) // 8:
                 raise _Truncated(f"array of {count} items at offset {self.pos}")
+            if etype == GGUFValueType.STRING:
+                return self.strings(count)
             return [self.value(etype, depth + 1) for _ in range(count)]
         raise ValueError(f"unknown metadata value type {vtype}")
 

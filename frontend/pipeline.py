@@ -106,13 +106,10 @@ class Pipeline:
             size = _align(size + self.gguf.tensor(n).nbytes, align)
         stage.weight_bytes = size
         stage.weights_buffer = b.alloc_buffer(size)
-        refs: dict[str, TensorRef] = {}
-        for n in stage.names:
-            t = self.gguf.tensor(n)
-            stage.bytes_sent += b.set_tensor(stage.weights_buffer, offsets[n], t.data, cache=True)
-            refs[n] = TensorRef(stage.weights_buffer, offsets[n], t.type, t.shape)
-            if progress:
-                progress(t.nbytes)
+        tensors = [self.gguf.tensor(n) for n in stage.names]
+        stage.bytes_sent += b.set_tensors([(stage.weights_buffer, offsets[t.name], t.data) for t in tensors],
+                                          cache=True, progress=progress)
+        refs = {t.name: TensorRef(stage.weights_buffer, offsets[t.name], t.type, t.shape) for t in tensors}
         kv_dim = self.args.kv_dim  # type: ignore[attr-defined]
         per = _align(self._kv_bytes(1) // 2, align)
         stage.kv_bytes = per * 2 * len(stage.layers)

@@ -20,6 +20,7 @@ from llamarpc.proto.types import ACTIVATION_DTYPES, PLAIN_DTYPES, GGMLType, pars
 
 from . import kernels as K
 from .memory import Memory
+from .weights import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -166,41 +167,6 @@ def compile_graph(graph: pb.Graph, memory: Memory, session: str) -> Plan:
         out_names.add(name)
         outputs.append((name, int(o.value)))
     return Plan(inputs, tensors, ops, outputs, frozenset(t.buffer_id for t in tensors))
-
-
-class WeightCache:
-    """Float32 device copies of stored weights, made on first use and dropped when the buffer
-    they came from is written, cleared or freed. Counted against the node's capacity."""
-
-    def __init__(self, memory: Memory) -> None:
-        self.memory = memory
-        self._items: dict[tuple, tuple[int, Any]] = {}
-
-    def get(self, session: str, ts: TensorSpec) -> Any:
-        buf, raw = self.memory.view(session, ts.buffer_id, ts.offset, ts.type, ts.shape)
-        if ts.type == GGMLType.F32:
-            return raw
-        key = (session, ts)
-        hit = self._items.get(key)
-        if hit is not None and hit[0] == buf.generation:
-            return hit[1]
-        dev = self.memory.device
-        host = dev.to_host(raw)
-        arr = host.astype(np.float32) if ts.type in PLAIN_DTYPES else dequantize(host, ts.type)
-        arr = dev.to_device(np.ascontiguousarray(arr.reshape(ts.shape)))
-        self.memory.reserve_extra(repr(key), arr.nbytes)
-        self._items[key] = (buf.generation, arr)
-        return arr
-
-    def drop_buffer(self, session: str, buffer_id: int) -> None:
-        for key in [k for k in self._items if k[0] == session and k[1].buffer_id == buffer_id]:
-            del self._items[key]
-            self.memory.release_extra(repr(key))
-
-    def drop_session(self, session: str) -> None:
-        for key in [k for k in self._items if k[0] == session]:
-            del self._items[key]
-            self.memory.release_extra(repr(key))
 
 
 def gather_rows(memory: Memory, session: str, ts: TensorSpec, ids: np.ndarray) -> Any:

@@ -7,7 +7,7 @@ buffer's `generation`, which the executor uses to drop stale dequantized weight 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from llamarpc.proto.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -20,13 +20,24 @@ MAX_BUFFERS_PER_SESSION = 4096
 
 
 class Buffer:
-    __slots__ = ("id", "size", "data", "generation")
+    __slots__ = ("id", "size", "data", "generation", "digests")
 
     def __init__(self, buffer_id: int, size: int, data: Any) -> None:
         self.id = buffer_id
         self.size = size
         self.data = data  # uint8 device array of `size` bytes
         self.generation = 0
+        self.digests: dict[int, tuple[bytes, int]] = {}   # offset -> (sha256, size) of verified contents
+
+    def touched(self, offset: int, size: int) -> None:
+        """Bytes [offset, offset+size) changed: forget the content hashes they overlap."""
+        self.generation += 1
+        for off in [o for o, (_, n) in self.digests.items() if o < offset + size and offset < o + n]:
+            del self.digests[off]
+
+    def digest_at(self, offset: int, size: int) -> bytes | None:
+        rec = self.digests.get(offset)
+        return rec[0] if rec is not None and rec[1] == size else None
 
     def check_range(self, offset: int, size: int, what: str) -> None:
         if offset < 0 or size < 0 or offset > self.size or size > self.size - offset:
@@ -45,6 +56,10 @@ class Memory:
         self._buffers: dict[int, tuple[str, Buffer]] = {}
         self._extra: dict[str, int] = {}   # other accounted bytes (dequantized weight copies)
         self._lock = threading.Lock()
+        # frees up to n bytes of memory nobody uses right now (retained weight copies); returns
+        # the bytes freed. Set by the weight cache.
+        self.reclaim: Callable[[int], int] = lambda n: 0
+        self.reclaimable: Callable[[], int] = lambda: 0
 
     # -- accounting -------------------------------------------------------------------------------
     @property
@@ -53,9 +68,16 @@ class Memory:
 
     @property
     def free(self) -> int:
-        return max(0, self.capacity - self.used)
+        """Free bytes, counting memory held only by retained (reclaimable) weight copies as free."""
+        return max(0, self.capacity - self.used + self.reclaimable())
+
+    def _make_room(self, nbytes: int) -> None:
+        short = nbytes - (self.capacity - self.used)
+        if short > 0:
+            self.reclaim(short)
 
     def reserve_extra(self, key: str, nbytes: int) -> None:
+        self._make_room(nbytes - self._extra.get(key, 0))
         with self._lock:
             if nbytes > self.capacity - self.used + self._extra.get(key, 0):
                 raise ResourceExhausted(f"need {nbytes} more bytes, {self.free} free of {self.capacity}")
@@ -69,6 +91,7 @@ class Memory:
     def alloc(self, session: str, size: int) -> Buffer:
         if size <= 0:
             raise InvalidArgument(f"buffer size must be positive, got {size}")
+        self._make_room(size)
         with self._lock:
             if size > self.capacity - self.used:
                 raise ResourceExhausted(
@@ -112,7 +135,7 @@ class Memory:
         src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         buf.check_range(offset, src.size, "write")
         buf.data[offset:offset + src.size] = self.device.to_device(src)
-        buf.generation += 1
+        buf.touched(offset, src.size)
 
     def read(self, session: str, buffer_id: int, offset: int, size: int) -> np.ndarray:
         buf = self.get(session, buffer_id)
@@ -127,7 +150,7 @@ class Memory:
             raise InvalidArgument(f"clear value must be a byte (0..255), got {value}")
         buf = self.get(session, buffer_id)
         buf.data[...] = value
-        buf.generation += 1
+        buf.touched(0, buf.size)
 
     def copy(self, session: str, src_id: int, src_off: int, dst_id: int, dst_off: int, size: int) -> None:
         src = self.get(session, src_id)
@@ -135,7 +158,10 @@ class Memory:
         src.check_range(src_off, size, "copy source")
         dst.check_range(dst_off, size, "copy destination")
         dst.data[dst_off:dst_off + size] = src.data[src_off:src_off + size].copy()
-        dst.generation += 1
+        dst.touched(dst_off, size)
+        digest = src.digest_at(src_off, size)
+        if digest is not None:
+            dst.digests[dst_off] = (digest, size)
 
     # -- tensor views -----------------------------------------------------------------------------
     def view(self, session: str, buffer_id: int, offset: int, t: GGMLType, shape: tuple[int, ...],

@@ -19,7 +19,8 @@ from llamarpc.proto.types import SUPPORTED_TYPES
 
 from . import kernels
 from .device import Device, open_device
-from .graph import Plan, WeightCache, compile_graph, execute
+from .graph import Plan, compile_graph, execute
+from .weights import WeightCache
 from .memory import ALIGNMENT, Memory
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,15 @@ class Node:
             raise InvalidArgument("set_tensor: the data does not match its sha256")
         with self._lock:
             self.memory.write(session, buffer_id, offset, data)
+            if sha256:
+                self.memory.get(session, buffer_id).digests[offset] = (sha256, len(memoryview(data).cast("B")))
+
+    def note_digest(self, session: str, buffer_id: int, offset: int, size: int, sha256: bytes) -> None:
+        """Record that bytes [offset, offset+size) were verified to hash to `sha256`."""
+        with self._lock:
+            buf = self.memory.get(session, buffer_id)
+            buf.check_range(offset, size, "digest")
+            buf.digests[offset] = (sha256, size)
 
     def get_tensor(self, session: str, buffer_id: int, offset: int, size: int) -> np.ndarray:
         self.check_session(session)

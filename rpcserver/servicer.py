@@ -149,6 +149,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         if header.sha256:
             if digest.digest() != header.sha256:
                 raise InvalidArgument("set_tensor: the data does not match its sha256")
+            self.node.note_digest(session, header.buffer_id, header.offset, header.size, header.sha256)
             if header.cache:
                 self.cache.put(header.sha256,
                                self.node.get_tensor(session, header.buffer_id, header.offset, header.size).tobytes())
@@ -166,6 +167,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         if data is None:
             return pb.SetTensorFromCacheReply(hit=False)
         self.node.set_tensor(session, request.buffer_id, request.offset, data)
+        self.node.note_digest(session, request.buffer_id, request.offset, request.size, request.sha256)
         return pb.SetTensorFromCacheReply(hit=True)
 
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:

@@ -20,6 +20,8 @@ class TensorCache:
         """`max_total` bounds the whole cache on disk: least recently used files go first."""
         self.dir = Path(directory) if directory else None
         self.max_total = max_total
+        # files this process wrote or hashed, with the (size, mtime) they had then: not re-hashed
+        self._verified: dict[bytes, tuple[int, int]] = {}
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -37,17 +39,22 @@ class TensorCache:
             return None
         p = self._path(digest)
         try:
-            if p.stat().st_size != size:
+            st = p.stat()
+            if st.st_size != size:
                 return None
             data = p.read_bytes()
         except OSError:
             return None
+        if self._verified.get(digest) == (st.st_size, st.st_mtime_ns):
+            return data
         if hashlib.sha256(data).digest() != digest:
             log.warning("cache file %s does not match its hash; dropping it", p.name)
             p.unlink(missing_ok=True)
             return None
         try:
             os.utime(p)  # recently used: evicted last
+            st = p.stat()
+            self._verified[digest] = (st.st_size, st.st_mtime_ns)
         except OSError:
             pass
         return data
@@ -64,6 +71,8 @@ class TensorCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, p)
+            st = p.stat()
+            self._verified[digest] = (st.st_size, st.st_mtime_ns)
         except OSError:
             log.warning("could not write cache file %s", p, exc_info=True)
             Path(tmp).unlink(missing_ok=True)
