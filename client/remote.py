@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np

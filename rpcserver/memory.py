@@ -7,7 +7,8 @@ buffer's `generation`, which the executor uses to drop stale dequantized weight 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from llamarpc.proto.errors import InvalidArgument, NotFound, ResourceExhausted

@@ -20,8 +20,8 @@ from llamarpc.proto.types import SUPPORTED_TYPES
 from . import kernels
 from .device import Device, open_device
 from .graph import Plan, compile_graph, execute
-from .weights import WeightCache
 from .memory import ALIGNMENT, Memory
+from .weights import WeightCache
 
 log = logging.getLogger(__name__)
 

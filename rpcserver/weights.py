@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 from gguf.quants import dequantize
-
 from llamarpc.proto.types import PLAIN_DTYPES, GGMLType
 
 from .memory import Memory
