@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from llamarpc.proto import PROTOCOL_VERSION, pb, pb_grpc
 from llamarpc.proto.arrays import array_from_pb, array_to_pb
-from llamarpc.proto.errors import ERROR_BY_STATUS, BackendError, NodeUnavailable, Status
+from llamarpc.proto.errors import ERROR_BY_STATUS, BackendError, FailedPrecondition, NodeUnavailable, Status
 
 from .backend import Backend, NodeInfo
 
@@ -81,6 +81,10 @@ class RemoteBackend(Backend):
             reply = self._first(stream)
         except grpc.RpcError as e:
             raise self._error(e) from None
+        if reply.protocol_version != PROTOCOL_VERSION:
+            stream.cancel()
+            raise FailedPrecondition(f"protocol version mismatch: node speaks {reply.protocol_version}, "
+                                     f"client speaks {PROTOCOL_VERSION}", node=self.address)
         self._hello_stream = stream
         self._alive = True
         threading.Thread(target=self._watch, args=(stream,), name=f"watch-{self.address}", daemon=True).start()

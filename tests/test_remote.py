@@ -124,3 +124,38 @@ def test_unreachable_node_is_a_typed_error_naming_it(tmp_path):
     with pytest.raises(NodeUnavailable) as e:
         RemoteBackend(addr, connect_timeout=3)
     assert addr in str(e.value)
+
+
+def test_protocol_version_checked_both_ways(tmp_path, monkeypatch):
+    import llamarpc.client.remote as remote
+    from llamarpc.proto.errors import FailedPrecondition
+
+    node = start_node(tmp_path)
+    try:
+        # the node refuses a client speaking another version ...
+        monkeypatch.setattr(remote, "PROTOCOL_VERSION", 99)
+        with pytest.raises(FailedPrecondition, match="client speaks 99, node speaks 1"):
+            RemoteBackend(node.address)
+    finally:
+        node.stop()
+
+
+def test_client_refuses_a_node_of_another_version():
+    from llamarpc.proto import pb
+    from llamarpc.proto.errors import FailedPrecondition
+    from llamarpc.rpcserver.node import Node
+    from llamarpc.rpcserver.servicer import make_server
+
+    class OldNode(Node):
+        def hello(self, protocol_version: int, client_name: str = "") -> pb.HelloReply:
+            reply = super().hello(protocol_version, client_name)
+            reply.protocol_version = 0
+            return reply
+
+    server, port, _ = make_server(OldNode("cpu", capacity=1 << 20), "127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(FailedPrecondition, match="node speaks 0, client speaks 1"):
+            RemoteBackend(f"127.0.0.1:{port}")
+    finally:
+        server.stop(0)
