@@ -67,6 +67,22 @@ class Plan:
     outputs: list[tuple[str, int]]
     buffers: frozenset[int]
     alive: bool = True
+    # per op: the op-output values whose last reader it is (freed right after it runs)
+    release: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n_in, n_t = len(self.inputs), len(self.tensors)
+        last: dict[int, int] = {}
+        for j, op in enumerate(self.ops):
+            for a in op.args:
+                if a >= n_in + n_t:
+                    last[a] = j
+        kept = {v for _, v in self.outputs}
+        rel: list[list[int]] = [[] for _ in self.ops]
+        for v, j in last.items():
+            if v not in kept:
+                rel[j].append(v)
+        self.release = [tuple(r) for r in rel]
 
 
 def _name(s: str, what: str) -> str:
@@ -318,6 +334,9 @@ def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
             else:  # compile_graph admits only known ops
                 raise AssertionError(f"unhandled op {t}")
             values[n_in + n_t + j] = out
+            for v in plan.release[j]:   # intermediates live only until their last reader
+                scratch -= 4 * _numel(tuple(values[v].shape))
+                values[v] = None
     except K.ShapeError as e:
         raise InvalidArgument(f"op {j} ({pb.OpType.Name(op.type)}): {e}") from None
     result = {}
