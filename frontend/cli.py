@@ -9,8 +9,7 @@ import logging
 import os
 import resource
 import sys
-import time
-from typing import Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger("llamarpc")
 
@@ -53,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=os.environ.get("LLAMARPC_DEVICE", "cpu"),
                    help="device of the in-process node: cpu or cuda:N (cupy; not yet verified on hardware)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from .server_args import add_server_args
+
+    add_server_args(p)
     return p
 
 
@@ -85,24 +87,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("llamarpc: error: -m/--model is required", file=sys.stderr)
         return 2
     if args.prompt is None and args.chat is None:
-        print("llamarpc: error: give -p PROMPT or --chat QUESTION (the HTTP server is not built yet)", file=sys.stderr)
-        return 2
+        from .server import serve
+
+        return serve(args)
     if args.threads > 0:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(args.threads)
 
     from llamarpc.client.local import LocalBackend
-
-    from .chat_template import ChatTemplateError, render_chat
-    from .gguf_file import ModelLoadError
-    from .generate import Generator
-    from .model import load_model
-    from .sampling import Sampler, SamplingParams
-
     from llamarpc.proto.errors import BackendError
 
+    from .chat_template import ChatTemplateError, render_chat
+    from .generate import Generator
+    from .gguf_file import ModelLoadError
+    from .model import load_model
     from .progress import ProgressBar
+    from .sampling import Sampler, SamplingParams
 
     try:
         backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]

@@ -1,0 +1,200 @@
+"""llama.cpp's own routes: /health, /props, /slots, /metrics, /completion, /tokenize,
+/detokenize, /apply-template."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from ..engine import ErrorEvent, FinalEvent, PartialEvent
+from .chat import parse_messages, render_prompt, template_extra
+from .errors import APIError, bad_request, error_response
+from .formats import BUILD_INFO, native_final, native_partial
+from .metrics import render_metrics
+from .params import Body, check_context, parse_json, task_params, tokenize_prompt
+from .state import ServerState
+from .stream import SSE_HEADERS, ClientGone, Submission, sse
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.llamarpc
+
+
+def _ready(request: Request) -> ServerState:
+    st = _state(request)
+    if not st.ready:
+        raise APIError(503, "Loading model", "unavailable_error")
+    return st
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+@router.get("/v1/health")
+async def health(request: Request) -> Response:
+    st = _state(request)
+    if not st.ready:
+        return error_response(503, st.load_error or "Loading model", "unavailable_error")
+    assert st.engine is not None
+    if st.engine.health_error is not None:
+        return error_response(503, st.engine.health_error, "unavailable_error")
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/props")
+async def props(request: Request) -> Response:
+    st = _ready(request)
+    assert st.engine is not None and st.model is not None
+    slot = st.engine.slots[0].to_json()
+    slot["params"] = _default_params(st)
+    slot["prompt"] = ""
+    return JSONResponse({
+        "default_generation_settings": slot, "total_slots": len(st.engine.slots),
+        "model_path": st.settings.model_path, "model_alias": st.settings.model_name,
+        "chat_template": st.chat_template, "chat_template_caps": {}, "modalities": {"vision": False, "audio": False},
+        "build_info": BUILD_INFO, "is_sleeping": False,
+        "bos_token": st.model.tokenizer.token_text(st.model.tokenizer.bos_id),
+        "eos_token": st.model.tokenizer.token_text(st.model.tokenizer.eos_id),
+    })
+
+
+def _default_params(st: ServerState) -> dict:
+    from ..engine import TaskParams
+    s = st.settings
+    return TaskParams(sampling=s.sampling, n_predict=s.n_predict, ignore_eos=s.ignore_eos,
+                      cache_prompt=s.cache_prompt, model=s.model_name).to_json()
+
+
+@router.get("/slots")
+async def slots(request: Request) -> Response:
+    st = _state(request)
+    if not st.settings.slots:
+        return error_response(404, "This server does not support slots endpoint. Start it with `--slots`",
+                              "not_found_error")
+    st = _ready(request)
+    assert st.engine is not None
+    if request.query_params.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in st.engine.slots):
+        return error_response(503, "no slot available", "unavailable_error")
+    return JSONResponse([s.to_json() for s in st.engine.slots])
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    st = _state(request)
+    if not st.settings.metrics:
+        return error_response(404, "This server does not support metrics endpoint. Start it with `--metrics`",
+                              "not_found_error")
+    st = _ready(request)
+    assert st.engine is not None
+    return PlainTextResponse(render_metrics(st.engine), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(request: Request) -> Response:
+    st = _ready(request)
+    assert st.model is not None and st.engine is not None
+    b = Body(parse_json(await request.body()))
+    params = task_params(b, st)
+    prompts = tokenize_prompt(b.raw("prompt"), st.model.tokenizer)
+    check_context(prompts, params, st.engine.n_ctx_slot)
+    sub = Submission(st, request, prompts, params)
+    sub.start()
+    if not params.stream:
+        finals = await _collect(sub)
+        out = [native_final(f, st.engine.n_ctx_slot, False, _detok(st, f.prompt)) for f in finals]
+        return JSONResponse(out[0] if len(out) == 1 else out)
+    first = await _first(sub)
+    if isinstance(first, ErrorEvent):
+        return error_response(first.code, first.message, first.type)
+    sub.stop_watching()
+
+    async def gen() -> AsyncIterator[str]:
+        ev = first
+        try:
+            while ev is not None:
+                if isinstance(ev, PartialEvent):
+                    yield sse(native_partial(ev, params.post_sampling_probs))
+                elif isinstance(ev, FinalEvent):
+                    yield sse(native_final(ev, st.engine.n_ctx_slot, True, _detok(st, ev.prompt)))  # type: ignore[union-attr]
+                else:
+                    yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                ev = await sub.next()
+        except APIError as e:
+            yield sse(e.body())
+        except ClientGone:
+            return
+        finally:
+            sub.close()
+
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _detok(st: ServerState, ids: list[int]) -> str:
+    assert st.model is not None
+    return st.model.tokenizer.decode(ids)
+
+
+async def _collect(sub: Submission) -> list[FinalEvent]:
+    try:
+        return await sub.collect()
+    except ClientGone:
+        raise APIError(499, "client closed the connection", "server_error") from None
+
+
+async def _first(sub: Submission):  # noqa: ANN202 - Event | None
+    try:
+        ev = await sub.next()
+    except ClientGone:
+        raise APIError(499, "client closed the connection", "server_error") from None
+    except APIError:
+        sub.close()
+        raise
+    return ev
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> Response:
+    st = _ready(request)
+    assert st.model is not None
+    b = Body(parse_json(await request.body()))
+    content = b.raw("content")
+    if not isinstance(content, str):
+        raise bad_request("'content' must be a string")
+    tok = st.model.tokenizer
+    ids = tok.encode(content, add_special=b.bool("add_special", False), parse_special=b.bool("parse_special", True))
+    if not b.bool("with_pieces", False):
+        return JSONResponse({"tokens": ids})
+    out = []
+    for t in ids:
+        piece = tok.token_to_piece(t)
+        try:
+            out.append({"id": t, "piece": piece.decode("utf-8")})
+        except UnicodeDecodeError:
+            out.append({"id": t, "piece": list(piece)})
+    return JSONResponse({"tokens": out})
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> Response:
+    st = _ready(request)
+    assert st.model is not None
+    b = Body(parse_json(await request.body()))
+    tokens = b.raw("tokens", [])
+    tok = st.model.tokenizer
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad_request("'tokens' must be an array of token ids")
+    bad = [t for t in tokens if not 0 <= t < tok.n_vocab]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is out of range [0, {tok.n_vocab})")
+    return JSONResponse({"content": tok.decode(tokens)})
+
+
+@router.post("/apply-template")
+async def apply_template(request: Request) -> Response:
+    st = _ready(request)
+    body = parse_json(await request.body())
+    messages = parse_messages(body.get("messages"))
+    return JSONResponse({"prompt": render_prompt(st, messages, template_extra(body))})

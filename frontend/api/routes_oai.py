@@ -1,0 +1,130 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine import ErrorEvent, FinalEvent, PartialEvent
+from .chat import encode_chat, parse_messages, render_prompt, template_extra
+from .errors import APIError, bad_request, error_response
+from .formats import (
+    chat_completion,
+    chat_delta_chunk,
+    chat_final_chunks,
+    chat_first_chunk,
+    completion_id,
+    oai_completion,
+    oai_completion_chunk,
+)
+from .params import Body, check_context, parse_json, task_params, tokenize_prompt
+from .routes_native import _collect, _first, _ready, _state
+from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+@router.get("/models")
+async def models(request: Request) -> Response:
+    st = _state(request)
+    return JSONResponse({"object": "list", "data": [{
+        "id": st.settings.model_name, "object": "model", "created": st.created, "owned_by": "llamacpp",
+        "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+        "meta": st.model_meta() if st.ready else None,
+    }]})
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    st = _ready(request)
+    assert st.model is not None and st.engine is not None
+    b = Body(parse_json(await request.body()))
+    params = task_params(b, st)
+    prompts = tokenize_prompt(b.raw("prompt"), st.model.tokenizer)
+    check_context(prompts, params, st.engine.n_ctx_slot)
+    model = b.str("model") or st.settings.model_name
+    cid = completion_id()
+    sub = Submission(st, request, prompts, params)
+    sub.start()
+    if not params.stream:
+        return JSONResponse(oai_completion(await _collect(sub), cid, model))
+
+    def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
+        if isinstance(ev, FinalEvent):
+            return [oai_completion_chunk(None, ev, cid, model, params.post_sampling_probs)]
+        if not ev.text and not ev.probs:
+            return []
+        return [oai_completion_chunk(ev, None, cid, model, params.post_sampling_probs)]
+
+    return await _oai_stream(sub, fmt, [])
+
+
+@router.post("/v1/chat/completions")
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    st = _ready(request)
+    assert st.model is not None and st.engine is not None
+    body = parse_json(await request.body())
+    b = Body(body)
+    messages = parse_messages(body.get("messages"))
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise bad_request("'response_format' (grammar-constrained output) is not supported by this server")
+    params = task_params(b, st, oai_chat=True)
+    prompt = encode_chat(st.model.tokenizer, render_prompt(st, messages, template_extra(body)))
+    if not prompt:
+        raise bad_request("the chat template rendered an empty prompt")
+    check_context([prompt], params, st.engine.n_ctx_slot)
+    model = b.str("model") or st.settings.model_name
+    include_usage = False
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise bad_request("'stream_options' must be an object")
+        include_usage = Body(opts).bool("include_usage", False)
+    cid = completion_id()
+    sub = Submission(st, request, [prompt], params)
+    sub.start()
+    if not params.stream:
+        return JSONResponse(chat_completion((await _collect(sub))[0], cid, model))
+
+    def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
+        if isinstance(ev, FinalEvent):
+            return chat_final_chunks(ev, cid, model, include_usage)
+        chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
+        return [chunk] if chunk is not None else []
+
+    return await _oai_stream(sub, fmt, [chat_first_chunk(cid, model)])
+
+
+async def _oai_stream(sub: Submission, fmt: Callable[[PartialEvent | FinalEvent], list[dict]],
+                      head: list[dict]) -> Response:
+    """SSE: `head`, then each event's chunks, then `data: [DONE]`. An error before the first event
+    is an HTTP error; a later one is an error event that ends the stream."""
+    first = await _first(sub)
+    if isinstance(first, ErrorEvent):
+        return error_response(first.code, first.message, first.type)
+    sub.stop_watching()
+
+    async def gen() -> AsyncIterator[str]:
+        ev = first
+        try:
+            for h in head:
+                yield sse(h)
+            while ev is not None:
+                if isinstance(ev, ErrorEvent):
+                    yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                    return
+                for chunk in fmt(ev):
+                    yield sse(chunk)
+                ev = await sub.next()
+            yield SSE_DONE
+        except APIError as e:
+            yield sse(e.body())
+        except ClientGone:
+            return
+        finally:
+            sub.close()
+
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)

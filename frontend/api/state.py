@@ -1,0 +1,83 @@
+"""What the HTTP layer knows: the settings it was started with and the model/engine once loaded."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from ..chat_template import CHATML_TEMPLATE
+from ..engine import Engine
+from ..model import Model
+from ..sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    model_path: str
+    alias: str = ""
+    n_parallel: int = 1
+    n_predict: int = -1
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    chat_template: str | None = None        # jinja text from --chat-template / --chat-template-file
+    system_prompt: str | None = None        # for llm-api's /chat
+    api_keys: tuple[str, ...] = ()
+    metrics: bool = False
+    slots: bool = False
+    timeout: float = 600.0
+    cache_prompt: bool = True
+    ignore_eos: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.alias or self.model_path
+
+
+class ServerState:
+    """Shared by every handler. `model` and `engine` are None until loading finishes."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.model: Model | None = None
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.created = int(time.time())
+        self.on_ready: list[Callable[[], None]] = []
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def attach(self, model: Model, engine: Engine) -> None:
+        self.model, self.engine = model, engine
+        for cb in self.on_ready:
+            cb()
+
+    @property
+    def chat_template(self) -> str:
+        t = self.settings.chat_template
+        if t:
+            return CHATML_TEMPLATE if t.strip() == "chatml" else t
+        if self.model is not None and self.model.chat_template:
+            return self.model.chat_template
+        return CHATML_TEMPLATE
+
+    def model_meta(self) -> dict:
+        m = self.model
+        if m is None:
+            return {}
+        n_params = sum(int(_prod(t.shape)) for t in m.gguf.tensors.values())
+        vocab_type = 2 if m.tokenizer.model == "gpt2" else 1
+        return {"vocab_type": vocab_type, "n_vocab": m.n_vocab, "n_ctx_train": m.args.n_ctx_train,  # type: ignore[attr-defined]
+                "n_embd": m.args.n_embd, "n_params": n_params,  # type: ignore[attr-defined]
+                "size": os.path.getsize(m.gguf.path)}
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,401 @@
+"""The engine: one thread owns the model and runs continuous batching over `n_parallel` slots.
+
+Every step carries the next token of each decoding slot and chunks of the prompts being
+processed, in one Pipeline.forward (split into micro-batches of at most `n_ubatch` tokens). Slot i
+is sequence i of the KV cache; the context is shared, each slot getting n_ctx / n_parallel. Tasks
+beyond the free slots wait in a FIFO queue. Handlers only submit tasks and read their events; a
+cancelled task (client gone) frees its slot before the next step.
+
+A node lost mid-step ends every running request with an error event (503), /health reports the
+node, and the engine re-attaches it on its own (every `recover_interval` seconds, or when a new
+request arrives); the KV cache is rebuilt from scratch then.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from llamarpc.proto.errors import BackendError, NodeUnavailable
+
+from ..kv_cells import KVCells
+from ..model import Model
+from ..sampling import Sampler
+from ..sampling_dry import dry_breakers
+from .budget import StepBudget
+from .slot import Slot, SlotState, common_prefix
+from .task import ErrorEvent, Event, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    n_parallel: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    prefill_chunk: int = 0          # prompt tokens per step while others decode; 0 = sized by time
+    stall_factor: float = 1.4       # ... so that a step takes about this many decode-only steps
+    slot_prompt_similarity: float = 0.1
+    recover_interval: float = 1.0
+    warmup: bool = True
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    n_prompt_tokens_processed_total: int = 0
+    t_prompt_processing_total: float = 0.0
+    n_tokens_predicted_total: int = 0
+    t_tokens_generation_total: float = 0.0
+    n_decode_total: int = 0
+    n_busy_slots_total: int = 0
+    n_tokens_max: int = 0
+    n_requests_total: int = 0
+
+
+class Engine:
+    def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.config = cfg = config or EngineConfig()
+        if cfg.n_parallel < 1:
+            raise ValueError("--parallel must be at least 1")
+        if cfg.n_batch < 1 or cfg.n_ubatch < 1:
+            raise ValueError("batch sizes must be positive")
+        self.n_ctx = model.n_ctx
+        self.n_ctx_slot = self.n_ctx // cfg.n_parallel
+        if self.n_ctx_slot < 2:
+            raise ValueError(f"context {self.n_ctx} is too small for {cfg.n_parallel} slots")
+        self.kv = KVCells(self.n_ctx)
+        self.slots = [Slot(i, self.n_ctx_slot) for i in range(cfg.n_parallel)]
+        self.budget = StepBudget(cfg.n_batch, cfg.stall_factor, cfg.prefill_chunk)
+        self.metrics = EngineMetrics()
+        self.health_error: str | None = None
+        self._inbox: queue.Queue[Task | None] = queue.Queue()
+        self._pending: collections.deque[Task] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_recover = 0.0
+        self._dry_cache: dict[tuple[str, ...], dict[int, list[tuple[int, ...]]]] = {}
+        self._lock = threading.Lock()   # guards _dry_cache for callers on other threads
+
+    # -- API for handlers (any thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llamarpc-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, task: Task) -> None:
+        self._inbox.put(task)
+
+    def cancel(self, task: Task) -> None:
+        task.cancel()
+        self._inbox.put(None)   # wake the loop
+
+    @property
+    def n_deferred(self) -> int:
+        return len(self._pending) + self._inbox.qsize()
+
+    @property
+    def n_processing(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def dry_breakers(self, breakers: Sequence[str]) -> dict[int, list[tuple[int, ...]]]:
+        key = tuple(breakers)
+        with self._lock:
+            hit = self._dry_cache.get(key)
+        if hit is None:
+            hit = dry_breakers(self.tokenizer, key)
+            with self._lock:
+                self._dry_cache[key] = hit
+        return hit
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.config.warmup:
+            try:
+                self._warmup()
+            except BackendError as e:
+                self.health_error = str(e)
+                log.warning("warm-up failed: %s", e)
+        while not self._stopping:
+            try:
+                self._intake(block=not any(s.busy for s in self.slots))
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                if self.health_error is not None:
+                    self._recover()
+                self._assign()
+                if any(s.busy for s in self.slots):
+                    self._step()
+            except Exception:  # noqa: BLE001 - the loop must survive anything a request causes
+                log.exception("engine step failed")
+                self._fail_all(500, "internal error in the engine", "server_error")
+        self._fail_all(503, "the server is shutting down", "unavailable_error")
+
+    def _intake(self, block: bool) -> None:
+        try:
+            if block and not self._pending:
+                item = self._inbox.get(timeout=0.25 if self.health_error else 1.0)
+                if item is not None:
+                    self._pending.append(item)
+            while True:
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    self._pending.append(item)
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        if any(t.cancelled for t in self._pending):
+            self._pending = collections.deque(t for t in self._pending if not t.cancelled)
+        for s in self.slots:
+            if s.busy and s.task is not None and s.task.cancelled:
+                log.info("slot %d: task %d cancelled (client gone or timed out)", s.id, s.task.id)
+                s.release()
+
+    @staticmethod
+    def _emit(task: Task, event: Event) -> None:
+        try:
+            task.sink(event)
+        except Exception:  # noqa: BLE001 - a handler that went away must not stop the engine
+            log.debug("task %d: event dropped", task.id, exc_info=True)
+
+    def _fail_all(self, code: int, message: str, kind: str) -> None:
+        for s in self.slots:
+            if s.busy and s.task is not None:
+                self._emit(s.task, ErrorEvent(s.task.index, code, message, kind))
+                s.release()
+
+    # -- scheduling -------------------------------------------------------------------------------
+    def _assign(self) -> None:
+        while self._pending:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            task = self._pending[0]
+            if self.health_error is not None:
+                self._recover(force=True)
+                if self.health_error is not None:
+                    self._pending.popleft()
+                    self._emit(task, ErrorEvent(task.index, 503, self.health_error, "unavailable_error"))
+                    continue
+            slot = self._pick_slot(task, free)
+            if slot is None:
+                return
+            self._pending.popleft()
+            try:
+                self._launch(slot, task)
+            except ValueError as e:
+                slot.release()
+                self._emit(task, ErrorEvent(task.index, 400, str(e), "invalid_request_error"))
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("task %d could not start", task.id)
+                slot.release()
+                self._emit(task, ErrorEvent(task.index, 500, f"{type(e).__name__}: {e}", "server_error"))
+
+    def _pick_slot(self, task: Task, free: list[Slot]) -> Slot | None:
+        want = task.params.id_slot
+        if want >= 0:
+            return next((s for s in free if s.id == want), None)
+        if task.params.cache_prompt and task.prompt:
+            best = max(free, key=lambda s: common_prefix(s.cache, task.prompt))
+            lcp = common_prefix(best.cache, task.prompt)
+            if lcp and lcp / len(task.prompt) > self.config.slot_prompt_similarity:
+                return best
+        return min(free, key=lambda s: s.last_used)
+
+    def _launch(self, slot: Slot, task: Task) -> None:
+        p = task.params
+        n = len(task.prompt)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.n_ctx_slot:
+            raise ValueError(f"the prompt has {n} tokens, the slot context is {self.n_ctx_slot}")
+        n_cached = min(common_prefix(slot.cache, task.prompt), n - 1) if p.cache_prompt else 0
+        self.kv.remove(slot.id, n_cached)
+        sp = p.sampling
+        if p.ignore_eos:
+            sp = dataclasses.replace(sp, logit_bias=sp.logit_bias + tuple(
+                (t, float("-inf")) for t in sorted(self.tokenizer.eog_ids)))
+        breakers = self.dry_breakers(sp.dry_sequence_breakers) if sp.dry_multiplier != 0.0 else {}
+        sampler = Sampler(sp, self.model.n_vocab, n_ctx=self.n_ctx, dry_breakers=breakers)
+        sampler.accept_many(task.prompt)
+        slot.start(task, n_cached, sampler, self.tokenizer)
+        self.metrics.n_requests_total += 1
+        log.debug("slot %d: task %d, %d prompt tokens (%d cached)", slot.id, task.id, n, n_cached)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _step(self) -> None:
+        busy = [s for s in self.slots if s.busy]
+        dec = [s for s in busy if s.state == SlotState.GENERATING and len(s.todo) == 1]
+        pre = sorted((s for s in busy if s not in dec),
+                     key=lambda s: s.task.t_arrival if s.task is not None else 0.0)
+        left = self.budget.prompt_tokens(len(dec))
+        parts: list[tuple[Slot, int, bool]] = [(s, 1, True) for s in dec]
+        for s in pre:
+            if left <= 0:
+                break
+            take = min(len(s.todo), left)
+            left -= take
+            parts.append((s, take, take == len(s.todo) and s.wants_logits))
+        if not parts:
+            return
+        toks: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        want: list[bool] = []
+        for s, take, out in parts:
+            toks += s.todo[:take]
+            pos += range(len(s.cache), len(s.cache) + take)
+            seq += [s.id] * take
+            want += [False] * (take - 1) + [out]
+        n_prompt = len(toks) - len(dec)
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seq, np.int32),
+                                   np.array(want, bool))
+        except NodeUnavailable as e:
+            for s, _, _ in parts:
+                self.kv.remove(s.id, len(s.cache))
+            if e.node is None:
+                log.warning("%s: recomputing every sequence", e)
+                self._rewind_all()
+            else:
+                self._node_lost(str(e))
+            return
+        except BackendError as e:
+            for s, _, _ in parts:
+                self.kv.remove(s.id, len(s.cache))
+            log.error("step failed: %s", e)
+            self._fail_all(500, f"compute failed: {e}", "server_error")
+            return
+        dt = time.perf_counter() - t0
+        self.budget.observe(len(dec), n_prompt, dt)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("step: %d decode + %d prompt tokens in %.1f ms (kv view %d cells)", len(dec), n_prompt,
+                      1e3 * dt, self.kv.used_len())
+        m = self.metrics
+        m.n_decode_total += 1
+        m.n_busy_slots_total += len(busy)
+        row = 0
+        for s, take, out in parts:
+            s.cache += s.todo[:take]
+            s.todo = s.todo[take:]
+            m.n_tokens_max = max(m.n_tokens_max, len(s.cache))
+            task = s.task
+            assert task is not None
+            if s.state == SlotState.PROMPT and not s.todo:
+                s.prompt_done()
+                m.n_prompt_tokens_processed_total += len(task.prompt) - s.n_cached
+                m.t_prompt_processing_total += s.t_prompt_done - s.t_start
+                if not s.wants_logits:
+                    self._finish(s, s.final("limit"))
+                    continue
+            if not out:
+                continue
+            events, final = s.on_logits(logits[row], self.tokenizer)
+            row += 1
+            for ev in events:
+                self._emit(task, ev)
+            if final is not None:
+                self._finish(s, final)
+
+    def _finish(self, s: Slot, final: Event) -> None:
+        task = s.task
+        assert task is not None
+        m = self.metrics
+        m.n_tokens_predicted_total += s.n_decoded
+        if s.t_last and s.t_prompt_done:
+            m.t_tokens_generation_total += s.t_last - s.t_prompt_done
+        self._emit(task, final)
+        s.release()
+
+    def _forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray:
+        """One step as micro-batches of at most n_ubatch tokens; logits of the `want` rows."""
+        pipeline = self.model.pipeline
+        ub = self.config.n_ubatch
+        outs = []
+        for a in range(0, tokens.size, ub):
+            sl = slice(a, a + ub)
+            cells = self.kv.alloc(seq[sl], pos[sl])
+            kv_pos, kv_seq = self.kv.view()
+            rows = np.flatnonzero(want[sl]).astype(np.int32)
+            outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows))
+        return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
+    # -- nodes lost and found ---------------------------------------------------------------------
+    def _reset_cache(self) -> None:
+        self.kv = KVCells(self.n_ctx)
+        for s in self.slots:
+            s.cache = []
+
+    def _rewind_all(self) -> None:
+        """The KV cache is gone (a node was re-attached): every busy slot recomputes its tokens."""
+        kept = {s.id: s.cache for s in self.slots if s.busy}
+        self._reset_cache()
+        for s in self.slots:
+            if s.id in kept:
+                s.todo = kept[s.id] + s.todo
+
+    def _node_lost(self, message: str) -> None:
+        log.error("%s", message)
+        self.health_error = message
+        self._fail_all(503, message, "unavailable_error")
+        self._reset_cache()
+        self._last_recover = time.monotonic()
+
+    def _recover(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_recover < self.config.recover_interval:
+            return
+        self._last_recover = now
+        pipeline = self.model.pipeline
+        epoch = pipeline.epoch
+        try:
+            pipeline.ensure_attached()
+        except BackendError as e:
+            self.health_error = str(e)
+            return
+        if pipeline.epoch != epoch:
+            self._reset_cache()
+        log.info("all nodes attached again; serving")
+        self.health_error = None
+
+    def _warmup(self) -> None:
+        """Run a prefill, a decode and a mixed step once: compiles/caches whatever the backends
+        cache, and gives the step budget its first timings."""
+        n_vocab = self.model.n_vocab
+        chunk = min(16, (self.n_ctx - 3) // 2, self.config.n_ubatch - 1)
+        if chunk < 2:
+            return
+        toks = (np.arange(chunk + 1) % n_vocab).astype(np.int32)
+        s0 = np.zeros(chunk, np.int32)
+        steps = ((0, chunk, toks[:chunk], np.arange(chunk, dtype=np.int32), s0),
+                 (1, 0, toks[:1], np.array([chunk], np.int32), s0[:1]),
+                 (1, chunk, toks, np.concatenate([[chunk + 1], np.arange(chunk)]).astype(np.int32),
+                  np.concatenate([[0], np.ones(chunk)]).astype(np.int32)))
+        for timed in (False, True):     # the first pass pays one-time costs; the second is measured
+            self._reset_cache()
+            for n_dec, n_prompt, tokens, pos, seq in steps:
+                want = np.zeros(tokens.size, bool)
+                want[0] = True
+                t0 = time.perf_counter()
+                self._forward(tokens, pos, seq, want)
+                if timed:
+                    self.budget.observe(n_dec, n_prompt, time.perf_counter() - t0)
+        self._reset_cache()
+        log.info("warm-up done: decode step %.1f ms, %.2f ms per prompt token next to a decode",
+                 1e3 * (self.budget.decode_time(1) or 0.0), 1e3 * (self.budget.prompt_tok_s or 0.0))
+
