@@ -50,9 +50,11 @@ class Backend(abc.ABC):
         Returns the number of bytes actually sent."""
 
     def set_tensors(self, items: list[tuple[int, int, np.ndarray]], cache: bool = False,
-                    progress: Callable[[int], None] | None = None) -> int:
+                    progress: Callable[[int], None] | None = None,
+                    digests: list[bytes] | None = None) -> int:
         """Write many (buffer_id, offset, data) at once; returns the bytes actually sent.
-        `progress(nbytes)` is called as each item is done."""
+        `progress(nbytes)` is called as each item is done; `digests` are the items' sha256 when
+        the caller already knows them."""
         sent = 0
         for buffer_id, offset, data in items:
             sent += self.set_tensor(buffer_id, offset, data, cache=cache)

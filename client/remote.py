@@ -211,12 +211,14 @@ class RemoteBackend(Backend):
         return mv.nbytes
 
     def set_tensors(self, items: list[tuple[int, int, np.ndarray]], cache: bool = False,
-                    progress: Callable[[int], None] | None = None) -> int:
+                    progress: Callable[[int], None] | None = None,
+                    digests: list[bytes] | None = None) -> int:
         """Ask the node's cache for every item at once (pipelined), then stream the misses."""
         if not cache:
             return super().set_tensors(items, cache, progress)
         views = [_bytes_view(d) for _, _, d in items]
-        digests = [hashlib.sha256(v).digest() for v in views]
+        if digests is None:
+            digests = [hashlib.sha256(v).digest() for v in views]
         def ask(i: int) -> Any:
             (bid, off, _), v, d = items[i], views[i], digests[i]
             req = pb.SetTensorFromCacheRequest(buffer_id=bid, offset=off, size=v.nbytes, sha256=d)

@@ -10,9 +10,12 @@ from the ``gguf`` package.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import struct
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,6 +129,7 @@ class GGUFFile:
         if size < 24:
             raise ModelLoadError(f"{self.path}: truncated file ({size} bytes): not a GGUF model")
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._digests: dict[str, bytes] | None = None
         try:
             self._parse(memoryview(self._map))
         except _Truncated as e:
@@ -191,6 +195,48 @@ class GGUFFile:
         if not isinstance(arch, str):
             raise ModelLoadError(f"{self.path}: general.architecture is missing")
         return arch
+
+    def digest(self, name: str) -> bytes:
+        """sha256 of a tensor's bytes, remembered on disk per file (path, size, mtime) so that a
+        frontend that starts again does not hash the whole model again."""
+        if self._digests is None:
+            self._digests = self._load_digests()
+        d = self._digests.get(name)
+        if d is None:
+            d = self._digests[name] = hashlib.sha256(self.tensor(name).data).digest()
+            self._save_digests()
+        return d
+
+    def _digest_file(self) -> Path:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        key = hashlib.sha256(os.path.abspath(self.path).encode()).hexdigest()[:32]
+        return Path(base) / "llamarpc" / "digests" / f"{key}.json"
+
+    def _stamp(self) -> list[int]:
+        st = os.stat(self.path)
+        return [st.st_size, st.st_mtime_ns]
+
+    def _load_digests(self) -> dict[str, bytes]:
+        try:
+            doc = json.loads(self._digest_file().read_text())
+            if doc.get("stamp") == self._stamp():
+                return {k: bytes.fromhex(v) for k, v in doc["sha256"].items() if k in self.tensors}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            pass
+        return {}
+
+    def _save_digests(self) -> None:
+        if len(self._digests or {}) < len(self.tensors):
+            return   # written once, when every tensor has been hashed
+        path = self._digest_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": os.path.abspath(self.path), "stamp": self._stamp(),
+                                       "sha256": {k: v.hex() for k, v in (self._digests or {}).items()}}))
+            os.replace(tmp, path)
+        except OSError:
+            log.debug("could not save tensor digests to %s", path, exc_info=True)
 
     def tensor(self, name: str) -> TensorInfo:
         t = self.tensors.get(name)

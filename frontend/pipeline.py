@@ -108,7 +108,8 @@ class Pipeline:
         stage.weights_buffer = b.alloc_buffer(size)
         tensors = [self.gguf.tensor(n) for n in stage.names]
         stage.bytes_sent += b.set_tensors([(stage.weights_buffer, offsets[t.name], t.data) for t in tensors],
-                                          cache=True, progress=progress)
+                                          cache=True, progress=progress,
+                                          digests=[self.gguf.digest(t.name) for t in tensors])
         refs = {t.name: TensorRef(stage.weights_buffer, offsets[t.name], t.type, t.shape) for t in tensors}
         kv_dim = self.args.kv_dim  # type: ignore[attr-defined]
         per = _align(self._kv_bytes(1) // 2, align)

@@ -4,7 +4,7 @@
     python scripts/bench_generate.py [-m models/SmolLM2-135M-Instruct.Q4_1.gguf] [-t 2] \
         [--peer-python /path/to/venv-with-llama-cpp-python/bin/python]
 
-Prints a table: load/ready time, prompt tokens/s, generation tokens/s, peak RSS, and the ratio to
+Prints a table: time to ready (from process start, and of load_model alone), prompt tokens/s, generation tokens/s, peak RSS, and the ratio to
 llama.cpp (llama-cpp-python, same GGUF, same threads, greedy) measured in the same run. Each
 configuration runs in its own process, one after another; run it on a quiet machine.
 """
@@ -34,14 +34,16 @@ OURS = textwrap.dedent("""
     from llamarpc.frontend.model import load_model
     from llamarpc.frontend.sampling import Sampler, SamplingParams
     addrs = {addrs!r}
+    t1 = time.perf_counter()
     backends = [RemoteBackend(a) for a in addrs] if addrs else [LocalBackend()]
     m = load_model({model!r}, backends, n_ctx=1024)
     ready = time.perf_counter() - t0
+    load = time.perf_counter() - t1
     ids = m.tokenizer.encode({prompt!r})
     g = Generator(m)
     out = list(g.generate(ids, {n}, Sampler(SamplingParams(temperature=0)), ignore_eos=True))
     t = g.timings
-    print(json.dumps(dict(ready=ready, n_prompt=t.n_prompt, prompt_tps=t.prompt_tps, gen_tps=t.gen_tps,
+    print(json.dumps(dict(ready=ready, load=load, n_prompt=t.n_prompt, prompt_tps=t.prompt_tps, gen_tps=t.gen_tps,
                           rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           sent=m.pipeline.bytes_sent)))
 """)
@@ -51,7 +53,7 @@ PEER = textwrap.dedent("""
     t0 = time.perf_counter()
     from llama_cpp import Llama
     llm = Llama({model!r}, n_ctx=1024, n_threads={threads}, n_threads_batch={threads}, n_batch=512, verbose=False)
-    ready = time.perf_counter() - t0
+    ready = load = time.perf_counter() - t0
     ids = llm.tokenize({prompt!r}.encode(), add_bos=False, special=True)
     t1 = time.perf_counter(); llm.eval(ids); tp = time.perf_counter() - t1
     import numpy as np
@@ -60,7 +62,7 @@ PEER = textwrap.dedent("""
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([tok])
     tg = time.perf_counter() - t2
-    print(json.dumps(dict(ready=ready, n_prompt=len(ids), prompt_tps=len(ids) / tp, gen_tps={n} / tg,
+    print(json.dumps(dict(ready=ready, load=load, n_prompt=len(ids), prompt_tps=len(ids) / tp, gen_tps={n} / tg,
                           rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, sent=0)))
 """)
 
@@ -119,13 +121,13 @@ def main() -> int:
         rows.append(("llama.cpp (llama-cpp-python)", peer))
     print(f"\nmodel {Path(args.model).name}, {args.threads} threads, prompt {rows[0][1]['n_prompt']} tokens, "
           f"{args.n_predict} generated (greedy)\n")
-    hdr = f"{'configuration':32} {'ready s':>8} {'sent MiB':>9} {'prompt t/s':>11} {'gen t/s':>9} {'peak RSS MiB':>13}"
+    hdr = f"{'configuration':32} {'ready s':>8} {'load s':>7} {'sent MiB':>9} {'prompt t/s':>11} {'gen t/s':>9} {'peak RSS MiB':>13}"
     if peer:
         hdr += f" {'prompt ×llama.cpp':>18} {'gen ×llama.cpp':>15}"
     print(hdr)
     print("-" * len(hdr))
     for name, r in rows:
-        line = (f"{name:32} {r['ready']:8.2f} {r['sent'] / 2**20:9.1f} {r['prompt_tps']:11.1f} {r['gen_tps']:9.1f} "
+        line = (f"{name:32} {r['ready']:8.2f} {r['load']:7.2f} {r['sent'] / 2**20:9.1f} {r['prompt_tps']:11.1f} {r['gen_tps']:9.1f} "
                 f"{r['rss']:13.0f}")
         if peer:
             line += f" {r['prompt_tps'] / peer['prompt_tps']:18.3f} {r['gen_tps'] / peer['gen_tps']:15.3f}"

@@ -56,3 +56,27 @@ def test_hostile_lengths(tmp_path):
     p.write_bytes(b"GGML" + bytes(data[4:]))
     with pytest.raises(ModelLoadError, match="bad magic"):
         GGUFFile(p)
+
+
+def test_tensor_digests_are_remembered_per_file(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    m = write_model(tmp_path / "m.gguf", "llama")
+    g = GGUFFile(m.path)
+    want = {n: hashlib.sha256(t.data).digest() for n, t in g.tensors.items()}
+    assert {n: g.digest(n) for n in g.tensors} == want
+    files = list((tmp_path / "xdg" / "llamarpc" / "digests").iterdir())
+    assert len(files) == 1
+    again = GGUFFile(m.path)
+    assert again._load_digests() == want          # read back, not recomputed
+    # a changed file (new mtime) is hashed afresh, never served stale digests
+    data = bytearray(m.path.read_bytes())
+    data[-1] ^= 0xFF
+    m.path.write_bytes(bytes(data))
+    os.utime(m.path, ns=(1, 1))
+    changed = GGUFFile(m.path)
+    assert changed._load_digests() == {}
+    last = list(changed.tensors)[-1]
+    assert changed.digest(last) == hashlib.sha256(changed.tensors[last].data).digest() != want[last]
