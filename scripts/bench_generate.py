@@ -4,7 +4,8 @@
     python scripts/bench_generate.py [-m models/SmolLM2-135M-Instruct.Q4_1.gguf] [-t 2] \
         [--peer-python /path/to/venv-with-llama-cpp-python/bin/python]
 
-Prints a table: time to ready (from process start, and of load_model alone), prompt tokens/s, generation tokens/s, peak RSS, and the ratio to
+Prints a table: time to ready (from process start, and of load_model alone), prompt tokens/s,
+generation tokens/s, peak RSS, and the ratio to
 llama.cpp (llama-cpp-python, same GGUF, same threads, greedy) measured in the same run. Each
 configuration runs in its own process, one after another; run it on a quiet machine.
 """
@@ -121,14 +122,15 @@ def main() -> int:
         rows.append(("llama.cpp (llama-cpp-python)", peer))
     print(f"\nmodel {Path(args.model).name}, {args.threads} threads, prompt {rows[0][1]['n_prompt']} tokens, "
           f"{args.n_predict} generated (greedy)\n")
-    hdr = f"{'configuration':32} {'ready s':>8} {'load s':>7} {'sent MiB':>9} {'prompt t/s':>11} {'gen t/s':>9} {'peak RSS MiB':>13}"
+    hdr = (f"{'configuration':32} {'ready s':>8} {'load s':>7} {'sent MiB':>9} {'prompt t/s':>11} {'gen t/s':>9} "
+           f"{'peak RSS MiB':>13}")
     if peer:
         hdr += f" {'prompt ×llama.cpp':>18} {'gen ×llama.cpp':>15}"
     print(hdr)
     print("-" * len(hdr))
     for name, r in rows:
-        line = (f"{name:32} {r['ready']:8.2f} {r['load']:7.2f} {r['sent'] / 2**20:9.1f} {r['prompt_tps']:11.1f} {r['gen_tps']:9.1f} "
-                f"{r['rss']:13.0f}")
+        line = (f"{name:32} {r['ready']:8.2f} {r['load']:7.2f} {r['sent'] / 2**20:9.1f} {r['prompt_tps']:11.1f} "
+                f"{r['gen_tps']:9.1f} {r['rss']:13.0f}")
         if peer:
             line += f" {r['prompt_tps'] / peer['prompt_tps']:18.3f} {r['gen_tps'] / peer['gen_tps']:15.3f}"
         print(line)

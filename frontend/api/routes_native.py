@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from ..engine import ErrorEvent, FinalEvent, PartialEvent
+from ..engine import ErrorEvent, FinalEvent, PartialEvent, TaskParams
 from .chat import parse_messages, render_prompt, template_extra
 from .errors import APIError, bad_request, error_response
 from .formats import BUILD_INFO, native_final, native_partial
@@ -91,9 +91,8 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(render_metrics(st.engine), media_type="text/plain; version=0.0.4")
 
 
-@router.post("/completion")
-@router.post("/completions")
-async def completion(request: Request) -> Response:
+async def start_completion(request: Request) -> tuple[ServerState, Body, TaskParams, Submission]:
+    """The shared start of /completion and /v1/completions: parse, tokenize, check, enqueue."""
     st = _ready(request)
     assert st.model is not None and st.engine is not None
     b = Body(parse_json(await request.body()))
@@ -102,6 +101,14 @@ async def completion(request: Request) -> Response:
     check_context(prompts, params, st.engine.n_ctx_slot)
     sub = Submission(st, request, prompts, params)
     sub.start()
+    return st, b, params, sub
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(request: Request) -> Response:
+    st, _, params, sub = await start_completion(request)
+    assert st.engine is not None
     if not params.stream:
         finals = await _collect(sub)
         out = [native_final(f, st.engine.n_ctx_slot, False, _detok(st, f.prompt)) for f in finals]

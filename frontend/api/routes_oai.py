@@ -18,8 +18,8 @@ from .formats import (
     oai_completion,
     oai_completion_chunk,
 )
-from .params import Body, check_context, parse_json, task_params, tokenize_prompt
-from .routes_native import _collect, _first, _ready, _state
+from .params import Body, check_context, parse_json, task_params
+from .routes_native import _collect, _first, _ready, _state, start_completion
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
 router = APIRouter()
@@ -38,16 +38,9 @@ async def models(request: Request) -> Response:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    st = _ready(request)
-    assert st.model is not None and st.engine is not None
-    b = Body(parse_json(await request.body()))
-    params = task_params(b, st)
-    prompts = tokenize_prompt(b.raw("prompt"), st.model.tokenizer)
-    check_context(prompts, params, st.engine.n_ctx_slot)
+    st, b, params, sub = await start_completion(request)
     model = b.str("model") or st.settings.model_name
     cid = completion_id()
-    sub = Submission(st, request, prompts, params)
-    sub.start()
     if not params.stream:
         return JSONResponse(oai_completion(await _collect(sub), cid, model))
 
