@@ -18,6 +18,22 @@ class NodeInfo:
     ops: frozenset[int]
 
 
+class Pending:
+    """A Compute under way (or done): `result()` returns its outputs or raises its error."""
+
+    def __init__(self, value: dict[str, np.ndarray] | None = None, error: BaseException | None = None,
+                 wait: Callable[[], dict[str, np.ndarray]] | None = None) -> None:
+        self._value, self._error, self._wait = value, error, wait
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self._wait is not None:
+            self._value, self._wait = self._wait(), None
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
 class Backend(abc.ABC):
     """A compute node seen from the frontend: buffers, tensors, graphs.
 
@@ -73,6 +89,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def compute(self, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def compute_async(self, graph_id: int, inputs: dict[str, np.ndarray]) -> Pending:
+        """Start a Compute; `.result()` waits for it. Backends that cannot overlap calls (in
+        process) compute at once."""
+        try:
+            return Pending(value=self.compute(graph_id, inputs))
+        except Exception as e:  # noqa: BLE001 - handed to result()
+            return Pending(error=e)
 
     @property
     def alive(self) -> bool:

@@ -19,7 +19,7 @@ from llamarpc.proto import PROTOCOL_VERSION, pb, pb_grpc
 from llamarpc.proto.arrays import array_from_pb, array_to_pb
 from llamarpc.proto.errors import ERROR_BY_STATUS, BackendError, FailedPrecondition, NodeUnavailable, Status
 
-from .backend import Backend, NodeInfo
+from .backend import Backend, NodeInfo, Pending
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,20 @@ class RemoteBackend(Backend):
                                                            for k, v in inputs.items()])
         r = self._call(self._stub.Compute, req, timeout=self.compute_timeout)
         return {o.name: array_from_pb(o.array, o.name) for o in r.outputs}
+
+    def compute_async(self, graph_id: int, inputs: dict[str, np.ndarray]) -> Pending:
+        req = pb.ComputeRequest(graph_id=graph_id, inputs=[pb.NamedArray(name=k, array=array_to_pb(v))
+                                                           for k, v in inputs.items()])
+        fut = self._stub.Compute.future(req, metadata=self._metadata(), timeout=self.compute_timeout)
+
+        def wait() -> dict[str, np.ndarray]:
+            try:
+                r = fut.result()
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+            return {o.name: array_from_pb(o.array, o.name) for o in r.outputs}
+
+        return Pending(wait=wait)
 
     def _close_channel(self) -> None:
         if self._hello_stream is not None:

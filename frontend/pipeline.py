@@ -25,6 +25,7 @@ from .placement import format_table, human_bytes, place_layers
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]   # (bytes done, bytes total)
+MIN_MICRO_BATCH = 32
 
 
 def _align(n: int, a: int) -> int:
@@ -54,6 +55,7 @@ class Pipeline:
         self.gguf, self.arch, self.args, self.n_ctx = gguf, arch, args, n_ctx
         self.kv_type = kv_type
         self.epoch = 0
+        self.pipelined = True   # cut big steps into micro-batches that flow through the nodes at once
         if tensor_split is not None and len(tensor_split) != len(backends):
             raise ValueError(f"tensor split has {len(tensor_split)} values for {len(backends)} backends")
         n_layer = args.n_layer  # type: ignore[attr-defined]
@@ -172,25 +174,51 @@ class Pipeline:
         if self.epoch != epoch:
             raise NodeUnavailable("a node was re-attached and its KV cache is empty; recompute the sequences",
                                   node=None)
-        common = {"pos": pos.astype(np.int32), "seq": seq.astype(np.int32), "cells": cells.astype(np.int32),
-                  "kv_pos": kv_pos.astype(np.int32), "kv_seq": kv_seq.astype(np.int32)}
-        hidden: np.ndarray | None = None
-        for s in self.stages:
-            inputs = dict(common)
-            if s.first:
-                inputs["tokens"] = tokens.astype(np.int32)
-            else:
-                inputs["hidden"] = hidden
-            if s.last:
-                inputs["out_rows"] = out_rows.astype(np.int32)
-            try:
-                out = s.backend.compute(s.graph_id, inputs)
-            except NodeUnavailable as e:
-                s.lost = True
-                raise NodeUnavailable(f"node {s.backend.name} (layers {s.layers.start}-{s.layers.stop - 1}) "
-                                      f"is gone: {e.message}", node=s.backend.name) from None
-            hidden = out["logits"] if s.last else out["hidden"]
-        return hidden
+        kv = {"kv_pos": kv_pos.astype(np.int32), "kv_seq": kv_seq.astype(np.int32)}
+        out_rows = out_rows.astype(np.int32)
+        n = int(tokens.shape[0])
+        k = self.micro_batches(n)
+        bounds = [n * i // k for i in range(k + 1)]
+        chunks = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sel = np.flatnonzero((out_rows >= a) & (out_rows < b))
+            chunks.append(({"pos": pos[a:b].astype(np.int32), "seq": seq[a:b].astype(np.int32),
+                            "cells": cells[a:b].astype(np.int32), **kv,
+                            "out_rows": (out_rows[sel] - a).astype(np.int32)}, tokens[a:b].astype(np.int32), sel))
+        # a wavefront: at tick t, stage s works on micro-batch t - s, so the nodes work at once;
+        # each node still sees the micro-batches in order (the KV cache of earlier ones is written)
+        carry: list[np.ndarray | None] = [tok for _, tok, _ in chunks]
+        logits = np.empty((len(out_rows), self.args.n_vocab), np.float32)  # type: ignore[attr-defined]
+        n_st = len(self.stages)
+        for t in range(k + n_st - 1):
+            running = []
+            for si, s in enumerate(self.stages):
+                c = t - si
+                if not 0 <= c < k:
+                    continue
+                inputs = {key: v for key, v in chunks[c][0].items() if key != "out_rows" or s.last}
+                inputs["tokens" if s.first else "hidden"] = carry[c]
+                running.append((s, c, s.backend.compute_async(s.graph_id, inputs)))
+            for s, c, pending in running:
+                try:
+                    out = pending.result()
+                except NodeUnavailable as e:
+                    s.lost = True
+                    raise NodeUnavailable(f"node {s.backend.name} (layers {s.layers.start}-{s.layers.stop - 1}) "
+                                          f"is gone: {e.message}", node=s.backend.name) from None
+                if s.last:
+                    logits[chunks[c][2]] = out["logits"]
+                    carry[c] = None
+                else:
+                    carry[c] = out["hidden"]
+        return logits
+
+    def micro_batches(self, n_tokens: int) -> int:
+        """How many micro-batches a step of n tokens is cut into: one per stage and a bit more to
+        shorten the fill and drain of the wavefront, never below MIN_MICRO_BATCH tokens each."""
+        if len(self.stages) < 2 or not self.pipelined:
+            return 1
+        return max(1, min(2 * len(self.stages), n_tokens // MIN_MICRO_BATCH))
 
     def close(self) -> None:
         for s in self.stages:

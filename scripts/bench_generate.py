@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = ("The lighthouse keeper climbed the stairs every evening to light the great lamp. " * 12).strip()
+PROMPT = ("The lighthouse keeper climbed the stairs every evening to light the great lamp. " * 24).strip()
 
 OURS = textwrap.dedent("""
     import json, resource, sys, time
@@ -40,6 +40,7 @@ OURS = textwrap.dedent("""
     m = load_model({model!r}, backends, n_ctx=1024)
     ready = time.perf_counter() - t0
     load = time.perf_counter() - t1
+    m.pipeline.pipelined = {pipelined}
     ids = m.tokenizer.encode({prompt!r})
     g = Generator(m)
     out = list(g.generate(ids, {n}, Sampler(SamplingParams(temperature=0)), ignore_eos=True))
@@ -101,7 +102,7 @@ def main() -> int:
     ap.add_argument("--peer-python", default=None, help="a python with llama-cpp-python installed")
     args = ap.parse_args()
     rows = []
-    common = dict(model=args.model, prompt=PROMPT, n=args.n_predict, threads=args.threads)
+    common = dict(model=args.model, prompt=PROMPT, n=args.n_predict, threads=args.threads, pipelined=True)
     rows.append(("llamarpc in-process", run(sys.executable, OURS.format(addrs=[], **common))))
     for n_nodes in (1, 2):
         with tempfile.TemporaryDirectory() as cache:
@@ -110,12 +111,17 @@ def main() -> int:
             try:
                 cold = run(sys.executable, OURS.format(addrs=addrs, **{**common, "threads": 1}))
                 warm = run(sys.executable, OURS.format(addrs=addrs, **{**common, "threads": 1}))
+                if n_nodes > 1:
+                    serial = run(sys.executable, OURS.format(addrs=addrs, **{**common, "threads": 1,
+                                                                             "pipelined": False}))
             finally:
                 for p in procs:
                     p.terminate()
                     p.wait()
         rows.append((f"llamarpc {n_nodes} node(s), cold", cold))
         rows.append((f"llamarpc {n_nodes} node(s), warm", warm))
+        if n_nodes > 1:
+            rows.append((f"llamarpc {n_nodes} nodes, no micro-batches", serial))
     peer = None
     if args.peer_python:
         peer = run(args.peer_python, PEER.format(**common))
