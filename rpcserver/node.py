@@ -20,6 +20,7 @@ from llamarpc.proto.types import SUPPORTED_TYPES
 from . import kernels
 from .device import Device, open_device
 from .graph import Plan, compile_graph, execute
+from .hostmem import tune_malloc
 from .memory import ALIGNMENT, Memory
 from .weights import WeightCache
 
@@ -42,6 +43,8 @@ def default_capacity() -> int:
 class Node:
     def __init__(self, device: str | Device = "cpu", capacity: int | None = None, name: str = "node") -> None:
         self.device = device if isinstance(device, Device) else open_device(device)
+        if self.device.is_cpu:
+            tune_malloc()
         self.name = name
         self.memory = Memory(self.device, capacity if capacity is not None else default_capacity())
         self.weights = WeightCache(self.memory)
