@@ -251,16 +251,26 @@ def test_llm_api_predict_and_chat(http):
     assert http.post("/predict", data={}).status_code == 400
 
 
-def test_disconnect_frees_the_slot(http, server):
-    with httpx.Client(base_url=server, timeout=30) as c:
-        with c.stream("POST", "/completion", json={"prompt": "Hello", "n_predict": 200, "stream": True,
-                                                   **GREEDY}) as s:
-            next(s.iter_lines())
-            assert any(x["is_processing"] for x in http.get("/slots").json())
-    deadline = time.time() + 5
-    while any(x["is_processing"] for x in http.get("/slots").json()) and time.time() < deadline:
-        time.sleep(0.02)
-    assert not any(x["is_processing"] for x in http.get("/slots").json())
+def test_disconnect_frees_the_slot(synth):
+    # a server of its own with room for a long generation, so that the request cannot finish
+    # before the client goes away (the synthetic model makes >1,000 tokens/s)
+    srv, url = start_server(["-m", str(synth), "-c", "8192", "-np", "1", "--metrics", "--slots"])
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            with c.stream("POST", "/completion", json={"prompt": "Hello", "n_predict": 8000, "stream": True,
+                                                       **GREEDY}) as s:
+                lines = s.iter_lines()   # keep the iterator: dropping it closes the stream
+                next(lines)
+                assert any(x["is_processing"] for x in c.get("/slots").json())
+            deadline = time.time() + 5
+            while any(x["is_processing"] for x in c.get("/slots").json()) and time.time() < deadline:
+                time.sleep(0.02)
+            assert not any(x["is_processing"] for x in c.get("/slots").json())
+            predicted = [ln for ln in c.get("/metrics").text.splitlines()
+                         if ln.startswith("llamacpp:tokens_predicted_total")]
+            assert float(predicted[0].split()[-1]) < 8000   # cut short by the disconnect
+    finally:
+        srv.stop()
 
 
 def test_concurrent_requests_queue_and_match(http, server):
