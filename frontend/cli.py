@@ -10,6 +10,10 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # numpy is imported only after the BLAS thread limit is set
+    from llamarpc.proto.types import GGMLType
 
 log = logging.getLogger("llamarpc")
 
@@ -31,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens to generate, -1 = until end of generation (LLAMA_ARG_N_PREDICT)")
     p.add_argument("-c", "--ctx-size", type=int, default=int(_env("CTX_SIZE", 0)),
                    help="context size, 0 = min(training context, 4096) (LLAMA_ARG_CTX_SIZE)")
+    p.add_argument("-ctk", "--cache-type-k", choices=["f32", "f16"], default=_env("CACHE_TYPE_K", "f32"),
+                   help="KV cache type for K (LLAMA_ARG_CACHE_TYPE_K; K and V share one type here)")
+    p.add_argument("-ctv", "--cache-type-v", choices=["f32", "f16"], default=_env("CACHE_TYPE_V", None),
+                   help="KV cache type for V (default: the K type; must equal it)")
     p.add_argument("-b", "--batch-size", type=int, default=int(_env("BATCH", 512)), help="prompt tokens per step")
     p.add_argument("-t", "--threads", type=int, default=int(_env("THREADS", 0)),
                    help="BLAS threads, 0 = all cores (LLAMA_ARG_THREADS)")
@@ -56,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_args(p)
     return p
+
+
+def kv_cache_type(args: argparse.Namespace) -> GGMLType:
+    """-ctk/-ctv as a GGML type; K and V share one type in this engine."""
+    from llamarpc.proto.types import GGMLType
+
+    k = args.cache_type_k
+    v = args.cache_type_v or k
+    if v != k:
+        raise ValueError(f"-ctk {k} and -ctv {v} differ; K and V share one cache type here")
+    return GGMLType.F16 if k == "f16" else GGMLType.F32
 
 
 def make_backends(args: argparse.Namespace) -> list:
@@ -109,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]
         split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
         with ProgressBar("loading weights") as bar:
-            model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=bar.update)
+            model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=bar.update,
+                               kv_type=kv_cache_type(args))
     except (ModelLoadError, ValueError, BackendError) as e:
         print(f"llamarpc: error: {e}", file=sys.stderr)
         return 1

@@ -100,7 +100,7 @@ class Server:
         from llamarpc.client.local import LocalBackend
         from llamarpc.proto.errors import BackendError
 
-        from .cli import make_backends
+        from .cli import kv_cache_type, make_backends
         from .gguf_file import ModelLoadError
         from .model import load_model
 
@@ -108,7 +108,8 @@ class Server:
         try:
             backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]
             split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
-            model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split)
+            model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split,
+                               kv_type=kv_cache_type(args))
             log.info("placement:\n%s", model.pipeline.placement_table())
             engine = Engine(model, EngineConfig(n_parallel=args.parallel, n_batch=args.batch_size,
                                                 n_ubatch=args.ubatch_size, prefill_chunk=args.prefill_chunk))

@@ -94,3 +94,29 @@ def test_truncated_file(tmp_path, keep):
 
 def test_missing_file(tmp_path):
     _one_error_line(_run_cli(tmp_path / "nope.gguf"), "no such model file")
+
+
+def test_f16_kv_cache_close_to_f32(tmp_path):
+    from llamarpc.proto.types import GGMLType
+
+    m = write_model(tmp_path / "m.gguf", "llama")
+    f32 = load_model(str(m.path), [LocalBackend()], n_ctx=64)
+    f16 = load_model(str(m.path), [LocalBackend()], n_ctx=64, kv_type=GGMLType.F16)
+    try:
+        assert f16.pipeline.stages[0].kv_bytes * 2 == f32.pipeline.stages[0].kv_bytes
+        a = Generator(f32, n_batch=3).eval(TOKENS, all_logits=True)
+        b = Generator(f16, n_batch=3).eval(TOKENS, all_logits=True)
+        assert 0 < np.abs(a - b).max() <= 1e-2 * np.abs(a).max()   # rounded K/V, same answer
+    finally:
+        f32.close()
+        f16.close()
+
+
+def test_cache_type_flags(tmp_path):
+    m = write_model(tmp_path / "m.gguf", "llama")
+    r = subprocess.run([sys.executable, "-m", "llamarpc.frontend.cli", "-m", str(m.path), "-p", "hi", "-n", "2",
+                        "-ctk", "f16", "-ctv", "f32"], capture_output=True, text=True, timeout=120)
+    _one_error_line(r, "-ctk f16 and -ctv f32 differ")
+    r = subprocess.run([sys.executable, "-m", "llamarpc.frontend.cli", "-m", str(m.path), "-p", "hi", "-n", "2",
+                        "-ctk", "f16"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

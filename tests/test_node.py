@@ -183,3 +183,16 @@ def test_free_buffer_releases_weight_copies():
     assert node.memory.used == 4096 + 8 * 64 * 4    # the buffer and the float copy
     b.free_buffer(buf)
     assert node.memory.used == 0
+
+
+def test_device_specs():
+    from llamarpc.rpcserver.device import open_device
+
+    assert open_device("cpu").is_cpu
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        open_device("tpu")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs cupy"):
+            open_device("cuda:0")
