@@ -22,6 +22,7 @@ from .device import Device, open_device
 from .graph import Plan, compile_graph, execute
 from .hostmem import tune_malloc
 from .memory import ALIGNMENT, Memory
+from .tensor_cache import TensorCache
 from .weights import WeightCache
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,25 @@ class Node:
             self.memory.write(session, buffer_id, offset, data)
             if sha256:
                 self.memory.get(session, buffer_id).digests[offset] = (sha256, len(memoryview(data).cast("B")))
+
+    def fill_from_cache(self, session: str, buffer_id: int, offset: int, size: int, sha256: bytes,
+                        cache: TensorCache) -> bool:
+        """Bytes [offset, offset+size) from the node's weight cache; False on a miss."""
+        self.check_session(session)
+        with self._lock:
+            buf = self.memory.get(session, buffer_id)
+            buf.check_range(offset, size, "set_tensor_from_cache")
+            if self.device.is_cpu:
+                ok = size > 0 and cache.read_into(sha256, buf.data[offset:offset + size])
+            else:
+                data = cache.get(sha256, size)
+                ok = data is not None
+                if ok:
+                    buf.data[offset:offset + size] = self.device.to_device(np.frombuffer(data, np.uint8))
+            buf.touched(offset, size)
+            if ok:
+                buf.digests[offset] = (sha256, size)
+            return ok
 
     def note_digest(self, session: str, buffer_id: int, offset: int, size: int, sha256: bytes) -> None:
         """Record that bytes [offset, offset+size) were verified to hash to `sha256`."""

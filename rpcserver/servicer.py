@@ -163,12 +163,9 @@ class BackendServicer(pb_grpc.BackendServicer):
         buf.check_range(request.offset, request.size, "set_tensor_from_cache")
         if len(request.sha256) != 32:
             raise InvalidArgument("set_tensor_from_cache: sha256 must be 32 bytes")
-        data = self.cache.get(request.sha256, request.size)
-        if data is None:
-            return pb.SetTensorFromCacheReply(hit=False)
-        self.node.set_tensor(session, request.buffer_id, request.offset, data)
-        self.node.note_digest(session, request.buffer_id, request.offset, request.size, request.sha256)
-        return pb.SetTensorFromCacheReply(hit=True)
+        hit = self.node.fill_from_cache(session, request.buffer_id, request.offset, request.size, request.sha256,
+                                        self.cache)
+        return pb.SetTensorFromCacheReply(hit=hit)
 
     def GetTensor(self, request: pb.GetTensorRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorChunk]:
         try:

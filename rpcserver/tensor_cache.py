@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,34 @@ class TensorCache:
         except OSError:
             pass
         return data
+
+    def read_into(self, digest: bytes, out: np.ndarray) -> bool:
+        """Fill `out` (a uint8 host array of the entry's size) straight from the cache file, one
+        copy; False (and `out` unspecified) on a miss or a file that fails its hash."""
+        if self.dir is None or len(digest) != 32:
+            return False
+        p = self._path(digest)
+        try:
+            st = p.stat()
+            if st.st_size != out.nbytes:
+                return False
+            with open(p, "rb") as f:
+                if f.readinto(memoryview(out)) != out.nbytes:
+                    return False
+        except OSError:
+            return False
+        if self._verified.get(digest) != (st.st_size, st.st_mtime_ns):
+            if hashlib.sha256(out).digest() != digest:
+                log.warning("cache file %s does not match its hash; dropping it", p.name)
+                p.unlink(missing_ok=True)
+                return False
+        try:
+            os.utime(p)  # recently used: evicted last
+            st = p.stat()
+            self._verified[digest] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+        return True
 
     def put(self, digest: bytes, data: bytes | memoryview) -> None:
         if self.dir is None or len(digest) != 32 or len(data) > self.max_total:
