@@ -280,6 +280,7 @@ def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
     def shape(idx: int) -> tuple[int, ...]:
         return plan.tensors[idx - n_in].shape if n_in <= idx < n_in + n_t else tuple(values[idx].shape)
 
+    rope_memo: dict = {}   # cos/sin per (positions, rope params), shared by the layers of this Compute
     limit = max(SCRATCH_FACTOR * memory.capacity, MIN_SCRATCH)
     scratch = 0
     try:
@@ -309,7 +310,8 @@ def execute(plan: Plan, memory: Memory, weights: WeightCache, session: str,
             elif t == pb.SCALE:
                 out = arg(a[0]) * at.scale
             elif t == pb.ROPE:
-                out = K.rope(xp, arg(a[0]), arg(a[1]), at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale)
+                out = K.rope(xp, arg(a[0]), arg(a[1]), at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale,
+                             memo=rope_memo)
             elif t == pb.ATTENTION:
                 kc, vc = tensor(a[3], raw=True), tensor(a[4], raw=True)
                 out = K.attention(xp, arg(a[0]), arg(a[1]), arg(a[2]), kc, vc, *(arg(i) for i in a[5:10]),

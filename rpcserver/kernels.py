@@ -111,17 +111,23 @@ def rope_cos_sin(xp: Any, pos: Array, n_dims: int, freq_base: float, freq_scale:
 
 
 def rope(xp: Any, x: Array, pos: Array, head_dim: int, n_dims: int, mode: int,
-         freq_base: float, freq_scale: float) -> Array:
+         freq_base: float, freq_scale: float, memo: dict | None = None) -> Array:
     """Rotary embedding over the first n_dims of each head: mode 0 rotates adjacent pairs
-    (x[2i], x[2i+1]) like ggml's normal mode; mode 2 (neox) rotates (x[i], x[i + n_dims/2])."""
+    (x[2i], x[2i+1]) like ggml's normal mode; mode 2 (neox) rotates (x[i], x[i + n_dims/2]).
+    `memo` (one per Compute) shares cos/sin between the ropes of every layer for the same pos."""
     _rows2d(x, "rope")
     n, width = x.shape
     _check(width % head_dim == 0, f"rope: width {width} is not a multiple of head_dim {head_dim}")
     _check(pos.ndim == 1 and pos.shape[0] == n, f"rope: pos must be [{n}], got {tuple(pos.shape)}")
     h = width // head_dim
     xh = xp.reshape(x, (n, h, head_dim))
-    cos, sin = rope_cos_sin(xp, pos, n_dims, freq_base, freq_scale)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    key = (id(pos), n_dims, freq_base, freq_scale)
+    hit = memo.get(key) if memo is not None else None
+    if hit is None or hit[0] is not pos:
+        hit = (pos, *rope_cos_sin(xp, pos, n_dims, freq_base, freq_scale))
+        if memo is not None:
+            memo[key] = hit
+    cos, sin = hit[1][:, None, :], hit[2][:, None, :]
     half = n_dims // 2
     if mode == 2:
         x0, x1 = xh[:, :, :half], xh[:, :, half:n_dims]
