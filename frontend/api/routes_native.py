@@ -2,7 +2,7 @@
 /detokenize, /apply-template."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -14,7 +14,7 @@ from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import render_metrics
 from .params import Body, check_context, parse_json, task_params, tokenize_prompt
 from .state import ServerState
-from .stream import SSE_HEADERS, ClientGone, Submission, sse
+from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
 
 def _state(request: Request) -> ServerState:
@@ -113,6 +113,19 @@ async def completion(request: Request) -> Response:
         finals = await _collect(sub)
         out = [native_final(f, st.engine.n_ctx_slot, False, _detok(st, f.prompt)) for f in finals]
         return JSONResponse(out[0] if len(out) == 1 else out)
+    def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
+        if isinstance(ev, PartialEvent):
+            return [native_partial(ev, params.post_sampling_probs)]
+        return [native_final(ev, st.engine.n_ctx_slot, True, _detok(st, ev.prompt))]  # type: ignore[union-attr]
+
+    # one prompt's error does not end the others' streams in a multi-prompt request
+    return await stream_events(sub, fmt, stop_on_error=False)
+
+
+async def stream_events(sub: Submission, fmt: Callable[[PartialEvent | FinalEvent], list[dict]],
+                        head: Sequence[dict] = (), done: bool = False, stop_on_error: bool = True) -> Response:
+    """SSE: `head`, then each event's chunks (and `data: [DONE]` when `done`). An error before the
+    first event is an HTTP error; a later one is an error event."""
     first = await _first(sub)
     if isinstance(first, ErrorEvent):
         return error_response(first.code, first.message, first.type)
@@ -121,14 +134,19 @@ async def completion(request: Request) -> Response:
     async def gen() -> AsyncIterator[str]:
         ev = first
         try:
+            for h in head:
+                yield sse(h)
             while ev is not None:
-                if isinstance(ev, PartialEvent):
-                    yield sse(native_partial(ev, params.post_sampling_probs))
-                elif isinstance(ev, FinalEvent):
-                    yield sse(native_final(ev, st.engine.n_ctx_slot, True, _detok(st, ev.prompt)))  # type: ignore[union-attr]
-                else:
+                if isinstance(ev, ErrorEvent):
                     yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                    if stop_on_error:
+                        return
+                else:
+                    for chunk in fmt(ev):
+                        yield sse(chunk)
                 ev = await sub.next()
+            if done:
+                yield SSE_DONE
         except APIError as e:
             yield sse(e.body())
         except ClientGone:

@@ -1,14 +1,12 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
 from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from ..engine import ErrorEvent, FinalEvent, PartialEvent
+from ..engine import FinalEvent, PartialEvent
 from .chat import encode_chat, parse_messages, render_prompt, template_extra
-from .errors import APIError, bad_request, error_response
+from .errors import bad_request
 from .formats import (
     chat_completion,
     chat_delta_chunk,
@@ -19,8 +17,8 @@ from .formats import (
     oai_completion_chunk,
 )
 from .params import Body, check_context, parse_json, task_params
-from .routes_native import _collect, _first, _ready, _state, start_completion
-from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
+from .routes_native import _collect, _ready, _state, start_completion, stream_events
+from .stream import Submission
 
 router = APIRouter()
 
@@ -51,7 +49,7 @@ async def completions(request: Request) -> Response:
             return []
         return [oai_completion_chunk(ev, None, cid, model, params.post_sampling_probs)]
 
-    return await _oai_stream(sub, fmt, [])
+    return await stream_events(sub, fmt, done=True)
 
 
 @router.post("/v1/chat/completions")
@@ -88,36 +86,4 @@ async def chat_completions(request: Request) -> Response:
         chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
         return [chunk] if chunk is not None else []
 
-    return await _oai_stream(sub, fmt, [chat_first_chunk(cid, model)])
-
-
-async def _oai_stream(sub: Submission, fmt: Callable[[PartialEvent | FinalEvent], list[dict]],
-                      head: list[dict]) -> Response:
-    """SSE: `head`, then each event's chunks, then `data: [DONE]`. An error before the first event
-    is an HTTP error; a later one is an error event that ends the stream."""
-    first = await _first(sub)
-    if isinstance(first, ErrorEvent):
-        return error_response(first.code, first.message, first.type)
-    sub.stop_watching()
-
-    async def gen() -> AsyncIterator[str]:
-        ev = first
-        try:
-            for h in head:
-                yield sse(h)
-            while ev is not None:
-                if isinstance(ev, ErrorEvent):
-                    yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
-                    return
-                for chunk in fmt(ev):
-                    yield sse(chunk)
-                ev = await sub.next()
-            yield SSE_DONE
-        except APIError as e:
-            yield sse(e.body())
-        except ClientGone:
-            return
-        finally:
-            sub.close()
-
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await stream_events(sub, fmt, [chat_first_chunk(cid, model)], done=True)
