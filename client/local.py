@@ -15,8 +15,9 @@ def _as_bytes(data: np.ndarray | bytes | memoryview) -> memoryview:
 
 
 class LocalBackend(Backend):
-    def __init__(self, device: str = "cpu", capacity: int | None = None, node: Node | None = None) -> None:
-        self.node = node or Node(device, capacity, name="local")
+    def __init__(self, device: str = "cpu", capacity: int | None = None, node: Node | None = None,
+                 matmul_mode: str = "exact") -> None:
+        self.node = node or Node(device, capacity, name="local", matmul_mode=matmul_mode)
         self.name = f"local:{self.node.device.name}"
         reply = self.node.hello(PROTOCOL_VERSION, "llamarpc-local")
         self._session = reply.session_id

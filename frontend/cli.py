@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEM CA/certificate to verify TLS nodes (enables TLS)")
     p.add_argument("--device", default=os.environ.get("LLAMARPC_DEVICE", "cpu"),
                    help="device of the in-process node: cpu or cuda:N (cupy; not yet verified on hardware)")
+    p.add_argument("--matmul", choices=("exact", "fast", "reference"), default=os.environ.get("LLAMARPC_MATMUL", "exact"),
+                   help="in-process node: multiply by quantized weights with float32 activations (exact, the default), "
+                        "8-bit activations (fast, as llama.cpp) or numpy (reference)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     from .server_args import add_server_args
 
@@ -98,6 +101,16 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def set_threads(threads: int) -> None:
+    """-t N: BLAS and the in-process node's quantized kernels use N threads (0: all cores)."""
+    if threads > 0:
+        from llamarpc.rpcserver import quant
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+        quant.set_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -109,10 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import serve
 
         return serve(args)
-    if args.threads > 0:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(args.threads)
+    set_threads(args.threads)
 
     from llamarpc.client.local import LocalBackend
     from llamarpc.proto.errors import BackendError
@@ -125,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .sampling import Sampler, SamplingParams
 
     try:
-        backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]
+        backends = make_backends(args) if args.rpc else [LocalBackend(args.device, matmul_mode=args.matmul)]
         split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
         with ProgressBar("loading weights") as bar:
             model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=bar.update,

@@ -87,12 +87,9 @@ class Pipeline:
 
     # -- set-up -----------------------------------------------------------------------------------
     def _cost(self, names: Sequence[str]) -> int:
-        """Node memory for these weights: the stored bytes plus a float32 copy of each matrix."""
-        total = 0
-        for n in names:
-            t = self.gguf.tensor(n)
-            total += t.nbytes + (4 * int(np.prod(t.shape)) if len(t.shape) == 2 and t.type != GGMLType.F32 else 0)
-        return total
+        """Node memory for these weights: their stored bytes (nodes keep the GGUF blocks as sent)."""
+        align = 32
+        return sum(_align(self.gguf.tensor(n).nbytes, align) for n in names)
 
     def _kv_bytes(self, n_layers: int) -> int:
         item = 4 if self.kv_type == GGMLType.F32 else 2

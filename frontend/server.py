@@ -106,7 +106,7 @@ class Server:
 
         args = self.args
         try:
-            backends = make_backends(args) if args.rpc else [LocalBackend(args.device)]
+            backends = make_backends(args) if args.rpc else [LocalBackend(args.device, matmul_mode=args.matmul)]
             split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
             model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split,
                                kv_type=kv_cache_type(args))
@@ -158,10 +158,9 @@ class Server:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.threads > 0:
-        from threadpoolctl import threadpool_limits
+    from .cli import set_threads
 
-        threadpool_limits(args.threads)
+    set_threads(args.threads)
     try:
         server = Server(args)
     except (ValueError, OSError) as e:

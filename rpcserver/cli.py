@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--port", type=int, default=int(_env("PORT", 50052)), help="port (default 50052; 0 = any)")
     p.add_argument("-d", "--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N (cupy; not yet verified on hardware)")
     p.add_argument("-t", "--threads", type=int, default=int(_env("THREADS", 0)),
-                   help="BLAS threads (default: half the cores)")
+                   help="compute threads, BLAS and the quantized kernels (default: half the cores)")
+    p.add_argument("--matmul", choices=("exact", "fast", "reference"), default=_env("MATMUL", "exact"),
+                   help="how to multiply by quantized weights: exact (float32 activations, the default), fast "
+                        "(8-bit activations, as llama.cpp) or reference (numpy, slow)")
     p.add_argument("-m", "--reserve-memory", type=int, default=int(_env("RESERVE_MEMORY", 0)), metavar="MiB",
                    help="memory to keep free: capacity = total - reserve")
     p.add_argument("--mem", type=int, default=int(_env("MEM", 0)), metavar="MiB",
@@ -76,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threadpool_limits(threads)
 
+    from . import quant
     from .node import Node, default_capacity
+
+    quant.set_threads(threads)
     from .servicer import make_server
     from .tensor_cache import TensorCache
 
@@ -101,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("llamarpc-server: error: --reserve-memory leaves no memory", file=sys.stderr)
         return 2
     try:
-        node = Node(args.device, capacity, name=f"{args.host}:{args.port}")
+        node = Node(args.device, capacity, name=f"{args.host}:{args.port}", matmul_mode=args.matmul)
     except ValueError as e:
         print(f"llamarpc-server: error: {e}", file=sys.stderr)
         return 2
@@ -113,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llamarpc-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
     server.start()
-    log.info("llamarpc-server listening on %s:%d (device %s, %d threads, capacity %.1f MiB, cache %s, %s%s)",
-             args.host, port, node.device.name, threads, capacity / 2**20, args.cache_dir or "off",
+    log.info("llamarpc-server listening on %s:%d (device %s, %d threads, %s matmul, capacity %.1f MiB, cache %s, %s%s)",
+             args.host, port, node.device.name, threads, args.matmul, capacity / 2**20, args.cache_dir or "off",
              "TLS" if tls else "plaintext", ", token auth" if token else "")
     if args.port_file:
         Path(args.port_file).write_text(str(port))

@@ -2,12 +2,12 @@
 
 A buffer is a flat byte array on the device. Tensors are views into it at client-chosen offsets;
 every offset and size is checked against the buffer before any byte moves. Each write bumps the
-buffer's `generation`, which the executor uses to drop stale dequantized weight copies.
+buffer's `generation`. Weights stay in the bytes they were sent as (GGUF blocks): what a buffer
+holds is all a node accounts for a tensor.
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -55,44 +55,21 @@ class Memory:
         self._used = 0
         self._next_id = 1
         self._buffers: dict[int, tuple[str, Buffer]] = {}
-        self._extra: dict[str, int] = {}   # other accounted bytes (dequantized weight copies)
         self._lock = threading.Lock()
-        # frees up to n bytes of memory nobody uses right now (retained weight copies); returns
-        # the bytes freed. Set by the weight cache.
-        self.reclaim: Callable[[int], int] = lambda n: 0
-        self.reclaimable: Callable[[], int] = lambda: 0
 
     # -- accounting -------------------------------------------------------------------------------
     @property
     def used(self) -> int:
-        return self._used + sum(self._extra.values())
+        return self._used
 
     @property
     def free(self) -> int:
-        """Free bytes, counting memory held only by retained (reclaimable) weight copies as free."""
-        return max(0, self.capacity - self.used + self.reclaimable())
-
-    def _make_room(self, nbytes: int) -> None:
-        short = nbytes - (self.capacity - self.used)
-        if short > 0:
-            self.reclaim(short)
-
-    def reserve_extra(self, key: str, nbytes: int) -> None:
-        self._make_room(nbytes - self._extra.get(key, 0))
-        with self._lock:
-            if nbytes > self.capacity - self.used + self._extra.get(key, 0):
-                raise ResourceExhausted(f"need {nbytes} more bytes, {self.free} free of {self.capacity}")
-            self._extra[key] = nbytes
-
-    def release_extra(self, key: str) -> None:
-        with self._lock:
-            self._extra.pop(key, None)
+        return max(0, self.capacity - self._used)
 
     # -- buffers ----------------------------------------------------------------------------------
     def alloc(self, session: str, size: int) -> Buffer:
         if size <= 0:
             raise InvalidArgument(f"buffer size must be positive, got {size}")
-        self._make_room(size)
         with self._lock:
             if size > self.capacity - self.used:
                 raise ResourceExhausted(

@@ -17,13 +17,13 @@ from llamarpc.proto import PROTOCOL_VERSION, pb
 from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, NotFound
 from llamarpc.proto.types import SUPPORTED_TYPES
 
-from . import kernels
+from . import kernels, quant
 from .device import Device, open_device
-from .graph import Plan, compile_graph, execute
+from .executor import execute
+from .graph import Plan, compile_graph
 from .hostmem import tune_malloc
 from .memory import ALIGNMENT, Memory
 from .tensor_cache import TensorCache
-from .weights import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,21 @@ def default_capacity() -> int:
 
 
 class Node:
-    def __init__(self, device: str | Device = "cpu", capacity: int | None = None, name: str = "node") -> None:
+    """`matmul_mode` is how the CPU multiplies by stored quantized weights (see `quant`):
+    "exact" (float32 activations), "fast" (8-bit activations, as llama.cpp) or "reference"."""
+
+    def __init__(self, device: str | Device = "cpu", capacity: int | None = None, name: str = "node",
+                 matmul_mode: str = "exact") -> None:
+        if matmul_mode not in quant.MODES:
+            raise ValueError(f"unknown matmul mode {matmul_mode!r}: expected one of {', '.join(quant.MODES)}")
         self.device = device if isinstance(device, Device) else open_device(device)
         if self.device.is_cpu:
             tune_malloc()
+            if matmul_mode != "reference":
+                quant.native.load()   # compiled (or loaded from its cache) now, not on the first step
         self.name = name
+        self.matmul_mode = matmul_mode
         self.memory = Memory(self.device, capacity if capacity is not None else default_capacity())
-        self.weights = WeightCache(self.memory)
         self._graphs: dict[str, dict[int, Plan]] = {}
         self._graph_ids = itertools.count(1)
         self._sessions: set[str] = set()
@@ -79,7 +87,6 @@ class Node:
                 return
             self._sessions.discard(session)
             self._graphs.pop(session, None)
-            self.weights.drop_session(session)
             for bid in self.memory.session_buffers(session):
                 self.memory.free_buffer(session, bid)
         log.info("session %s closed", session[:8])
@@ -96,7 +103,6 @@ class Node:
         self.check_session(session)
         with self._lock:
             self.memory.free_buffer(session, buffer_id)
-            self.weights.drop_buffer(session, buffer_id)
             for plan in self._graphs.get(session, {}).values():
                 if buffer_id in plan.buffers:
                     plan.alive = False
@@ -161,9 +167,6 @@ class Node:
             if len(graphs) >= MAX_GRAPHS_PER_SESSION:
                 raise InvalidArgument(f"a session may register at most {MAX_GRAPHS_PER_SESSION} graphs")
             plan = compile_graph(graph, self.memory, session)
-            for op in plan.ops:   # make the float copies of the weights now, not on the first step
-                if op.type == pb.MATMUL and len(plan.inputs) <= op.args[1] < len(plan.inputs) + len(plan.tensors):
-                    self.weights.get(session, plan.tensors[op.args[1] - len(plan.inputs)])
             gid = next(self._graph_ids)
             graphs[gid] = plan
             return gid
@@ -180,4 +183,4 @@ class Node:
             plan = self._graphs.get(session, {}).get(graph_id)
             if plan is None:
                 raise NotFound(f"no graph {graph_id} in this session")
-            return execute(plan, self.memory, self.weights, session, inputs)
+            return execute(plan, self.memory, session, inputs, self.matmul_mode)
