@@ -126,13 +126,15 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         return out
     b = w.blocks
     if n > GEMV_MAX_ROWS:
-        step = max(16, TILE_BYTES // (4 * w.k))
-        tile = _buf("tile", min(step, w.m) * w.k, np.float32)
-        for r0 in range(0, w.m, step):
-            r1 = min(w.m, r0 + step)
+        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // native.threads()) + 15 & ~15))
+        if getattr(lib, f"{qt.kernel}_gemm")(_ptr(b), b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
+            return out
+        tile = _buf("tile", min(rows, w.m) * w.k, np.float32)   # no BLAS handle: tiles from here
+        for r0 in range(0, w.m, rows):
+            r1 = min(w.m, r0 + rows)
             t = tile[:(r1 - r0) * w.k].reshape(r1 - r0, w.k)
             getattr(lib, f"{qt.kernel}_dequant_rows")(_ptr(b), b.shape[1], w.k, r0, r1, _ptr(t))
-            np.matmul(x, t.T, out=out[:, r0:r1])
+            out[:, r0:r1] = x @ t.T   # (numpy's matmul into a strided out= skips BLAS)
         return out
     if mode == "fast" and qt.has_fast:
         xq = _buf("xq", n * w.k, np.int8)

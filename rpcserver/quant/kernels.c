@@ -192,6 +192,237 @@ static inline void unpack_q6_k(const uint8_t *b, int8_t *q, float *sc, float *mn
         }
 }
 
+/* ---- AVX2: the same blocks, 32 values (a "chunk") at a time in vector registers -------------- *
+ * <t>_chunk(block, c, s, m) returns chunk c's 32 quants as signed bytes, with the scale and
+ * offset of its two halves (values 0-15 and 16-31): w = s[h] * q + m[h]. The drivers below are
+ * shared by every type, as ggml's vec_dot: exact mode converts the chunk to floats and FMAs it
+ * with the activations; fast mode multiplies bytes by 8-bit activations (maddubs) and scales the
+ * integer sums once per half. Several activation rows share each decoded chunk.            */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+
+static inline __m256i nib_lo(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+static inline __m256i nib_hi(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
+static inline __m256i shr_bits(__m256i v, int sh, int mask) {
+    return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(sh)), _mm256_set1_epi8((char)mask));
+}
+static inline __m256i ld256(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 16 packed bytes -> 32 nibbles: low nibbles are values 0-15, high nibbles 16-31 */
+static inline __m256i nibbles16(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+/* 32 bits -> 32 bytes, 0xFF where the bit is set (ggml's bytes_from_bits_32) */
+static inline __m256i bits32(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1));
+}
+
+#define SAME(s, m, sv, mv) (s[0] = s[1] = (sv), m[0] = m[1] = (mv))
+
+static inline __m256i q4_0_chunk(const uint8_t *b, int c, float *s, float *m) {
+    (void)c; SAME(s, m, rd16(b), 0.0f);
+    return _mm256_sub_epi8(nibbles16(b + 2), _mm256_set1_epi8(8));
+}
+static inline __m256i q4_1_chunk(const uint8_t *b, int c, float *s, float *m) {
+    (void)c; SAME(s, m, rd16(b), rd16(b + 2));
+    return nibbles16(b + 4);
+}
+static inline __m256i q5_0_chunk(const uint8_t *b, int c, float *s, float *m) {
+    (void)c; SAME(s, m, rd16(b), 0.0f);   /* nib | 0xF0 where the high bit is clear = nib + 16*bit - 16 */
+    return _mm256_or_si256(nibbles16(b + 6), _mm256_andnot_si256(bits32(b + 2), _mm256_set1_epi8((char)0xF0)));
+}
+static inline __m256i q5_1_chunk(const uint8_t *b, int c, float *s, float *m) {
+    (void)c; SAME(s, m, rd16(b), rd16(b + 2));
+    return _mm256_or_si256(nibbles16(b + 8), _mm256_and_si256(bits32(b + 4), _mm256_set1_epi8(16)));
+}
+static inline __m256i q8_0_chunk(const uint8_t *b, int c, float *s, float *m) {
+    (void)c; SAME(s, m, rd16(b), 0.0f);
+    return ld256(b + 2);
+}
+static inline __m256i q2_k_chunk(const uint8_t *b, int c, float *s, float *m) {
+    const float d = rd16(b + 80), dmin = rd16(b + 82);
+    for (int h = 0; h < 2; h++) {
+        s[h] = d * (float)(b[2 * c + h] & 15);
+        m[h] = -(dmin * (float)(b[2 * c + h] >> 4));
+    }
+    return shr_bits(ld256(b + 16 + (c >> 2) * 32), 2 * (c & 3), 3);
+}
+static inline __m256i q3_k_chunk(const uint8_t *b, int c, float *s, float *m) {
+    const uint8_t *sc = b + 96;
+    const float d = rd16(b + 108);
+    for (int h = 0; h < 2; h++) {
+        const int i = 2 * c + h;
+        const int lo = i < 8 ? (sc[i] & 15) : (sc[i - 8] >> 4), hi = (sc[8 + (i & 3)] >> (2 * (i >> 2))) & 3;
+        s[h] = d * (float)((lo | (hi << 4)) - 32);
+        m[h] = 0.0f;
+    }
+    const __m256i ql = shr_bits(ld256(b + 32 + (c >> 2) * 32), 2 * (c & 3), 3);
+    const __m256i hb = shr_bits(ld256(b), c, 1);   /* q = ql - 4 + 4 * hbit */
+    return _mm256_sub_epi8(_mm256_add_epi8(ql, _mm256_slli_epi16(hb, 2)), _mm256_set1_epi8(4));
+}
+static inline __m256i q4_k_chunk(const uint8_t *b, int c, float *s, float *m) {
+    int sc, mn;
+    k_scale_min(b + 4, c, &sc, &mn);
+    SAME(s, m, rd16(b) * (float)sc, -(rd16(b + 2) * (float)mn));
+    const __m256i v = ld256(b + 16 + (c >> 1) * 32);
+    return (c & 1) ? nib_hi(v) : nib_lo(v);
+}
+static inline __m256i q5_k_chunk(const uint8_t *b, int c, float *s, float *m) {
+    int sc, mn;
+    k_scale_min(b + 4, c, &sc, &mn);
+    SAME(s, m, rd16(b) * (float)sc, -(rd16(b + 2) * (float)mn));
+    const __m256i v = ld256(b + 48 + (c >> 1) * 32);
+    const __m256i hb = shr_bits(ld256(b + 16), c, 1);
+    return _mm256_or_si256((c & 1) ? nib_hi(v) : nib_lo(v), _mm256_slli_epi16(hb, 4));
+}
+static inline __m256i q6_k_chunk(const uint8_t *b, int c, float *s, float *m) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = rd16(b + 208);
+    s[0] = d * (float)sc[2 * c]; s[1] = d * (float)sc[2 * c + 1]; m[0] = m[1] = 0.0f;
+    const __m256i v = ld256(b + (c >> 2) * 64 + (c & 1) * 32);
+    const __m256i lo = ((c >> 1) & 1) ? nib_hi(v) : nib_lo(v);
+    const __m256i hi = shr_bits(ld256(b + 128 + (c >> 2) * 32), 2 * (c & 3), 3);
+    return _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), _mm256_set1_epi8(32));
+}
+
+/* chunk -> 32 floats w = s * q + m */
+static inline void chunk_floats(__m256i q, const float *s, const float *m, __m256 w[4]) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m256 s0 = _mm256_set1_ps(s[0]), s1 = _mm256_set1_ps(s[1]), m0 = _mm256_set1_ps(m[0]), m1 = _mm256_set1_ps(m[1]);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), s0, m0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), s0, m0);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), s1, m1);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1, m1);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+/* 32 signed weight bytes . 32 signed activation bytes -> 8 int32 lanes (4 per half) */
+static inline __m256i dot32_i8(__m256i q, __m256i x) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
+ * so the compiler keeps the accumulators in registers). */
+#define AVX2_ROW_BODIES(T, QK, BYTES)                                                               \
+static inline __attribute__((always_inline)) void T##_row_exact(                                    \
+        const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    float s[2], m[2]; __m256 w[4];                                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                 \
+        for (int c = 0; c < QK / 32; c++) {                                                          \
+            chunk_floats(T##_chunk(row + b * BYTES, c, s, m), s, m, w);                              \
+            const int64_t k = b * QK + c * 32;                                                       \
+            for (int i = 0; i < nr; i++)                                                             \
+                for (int j = 0; j < 4; j++)                                                          \
+                    acc[i] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i]);      \
+        }                                                                                            \
+    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]);                                             \
+}                                                                                                    \
+static inline __attribute__((always_inline)) void T##_row_fast(                                     \
+        const uint8_t *row, int64_t nb, const int8_t *const *xq, const float *const *xd,             \
+        const float *const *xs, const int nr, float *res) {                                          \
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    float macc[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                        \
+    float s[2], m[2];                                                                                \
+    for (int64_t b = 0; b < nb; b++)                                                                 \
+        for (int c = 0; c < QK / 32; c++) {                                                          \
+            const __m256i q = T##_chunk(row + b * BYTES, c, s, m);                                   \
+            const int64_t kb = b * (QK / 32) + c;                                                    \
+            for (int i = 0; i < nr; i++) {                                                           \
+                const __m256i p = dot32_i8(q, ld256((const uint8_t *)(xq[i] + 32 * kb)));            \
+                const float d = xd[i][kb];                                                           \
+                const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[1] * d), _mm_set1_ps(s[0] * d));     \
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[i]);                         \
+                macc[i] += m[0] * xs[i][2 * kb] + m[1] * xs[i][2 * kb + 1];                          \
+            }                                                                                        \
+        }                                                                                            \
+    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]) + macc[i];                                   \
+}
+
+#define DEFINE_AVX2_KERNELS(T, QK, BYTES)                                                           \
+AVX2_ROW_BODIES(T, QK, BYTES)                                                                        \
+static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) {                     \
+    float s[2], m[2]; __m256 v[4];                                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                 \
+        for (int c = 0; c < QK / 32; c++) {                                                          \
+            chunk_floats(T##_chunk(row + b * BYTES, c, s, m), s, m, v);                              \
+            float *o = w + b * QK + c * 32;                                                          \
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, v[i]);                           \
+        }                                                                                            \
+}                                                                                                    \
+static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
+                                const float *x, int64_t N, float *out) {                             \
+    const int64_t nb = K / QK;                                                                       \
+    _Pragma("omp parallel for schedule(static)")                                                     \
+    for (int64_t r = 0; r < M; r++) {                                                                \
+        const uint8_t *row = raw + r * row_bytes;                                                    \
+        float res[4];                                                                                \
+        int64_t n = 0;                                                                               \
+        for (; n + 4 <= N; n += 4) {                                                                 \
+            const float *xr[4] = {x + n * K, x + (n + 1) * K, x + (n + 2) * K, x + (n + 3) * K};     \
+            T##_row_exact(row, nb, xr, 4, res);                                                      \
+            for (int i = 0; i < 4; i++) out[(n + i) * M + r] = res[i];                               \
+        }                                                                                            \
+        for (; n < N; n++) {                                                                         \
+            const float *xr[1] = {x + n * K};                                                        \
+            T##_row_exact(row, nb, xr, 1, res);                                                      \
+            out[n * M + r] = res[0];                                                                 \
+        }                                                                                            \
+    }                                                                                                \
+}                                                                                                    \
+static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,         \
+                               const int8_t *xq, const float *xd, const float *xs16, int64_t N,      \
+                               float *out) {                                                         \
+    const int64_t nb = K / QK;                                                                       \
+    _Pragma("omp parallel for schedule(static)")                                                     \
+    for (int64_t r = 0; r < M; r++) {                                                                \
+        const uint8_t *row = raw + r * row_bytes;                                                    \
+        float res[4];                                                                                \
+        int64_t n = 0;                                                                               \
+        for (; n + 4 <= N; n += 4) {                                                                 \
+            const int8_t *q[4]; const float *d[4], *s[4];                                            \
+            for (int i = 0; i < 4; i++) {                                                            \
+                q[i] = xq + (n + i) * K; d[i] = xd + (n + i) * (K / 32); s[i] = xs16 + (n + i) * (K / 16); \
+            }                                                                                        \
+            T##_row_fast(row, nb, q, d, s, 4, res);                                                  \
+            for (int i = 0; i < 4; i++) out[(n + i) * M + r] = res[i];                               \
+        }                                                                                            \
+        for (; n < N; n++) {                                                                         \
+            const int8_t *q[1] = {xq + n * K};                                                       \
+            const float *d[1] = {xd + n * (K / 32)}, *s[1] = {xs16 + n * (K / 16)};                  \
+            T##_row_fast(row, nb, q, d, s, 1, res);                                                  \
+            out[n * M + r] = res[0];                                                                 \
+        }                                                                                            \
+    }                                                                                                \
+}
+
+DEFINE_AVX2_KERNELS(q4_0, 32, 18)
+DEFINE_AVX2_KERNELS(q4_1, 32, 20)
+DEFINE_AVX2_KERNELS(q5_0, 32, 22)
+DEFINE_AVX2_KERNELS(q5_1, 32, 24)
+DEFINE_AVX2_KERNELS(q8_0, 32, 34)
+DEFINE_AVX2_KERNELS(q2_k, 256, 84)
+DEFINE_AVX2_KERNELS(q3_k, 256, 110)
+DEFINE_AVX2_KERNELS(q4_k, 256, 144)
+DEFINE_AVX2_KERNELS(q5_k, 256, 176)
+DEFINE_AVX2_KERNELS(q6_k, 256, 210)
+#endif
+
 /* ---- drivers, one set per type ---------------------------------------------------------------- */
 
 static inline void deq_block(const int8_t *q, const float *sc, const float *mn, int qk, int s, float *w) {
@@ -213,8 +444,15 @@ static inline int32_t dot_i8(const int8_t *restrict a, const int8_t *restrict b,
     return acc;
 }
 
+#ifdef HAVE_AVX2
+#define AVX2_OR(call) do { call; return; } while (0)
+#else
+#define AVX2_OR(call) do { } while (0)
+#endif
+
 #define DEFINE_KERNELS(T, QK, S, BYTES)                                                             \
 static inline void T##_deq_row(const uint8_t *row, int64_t nb, float *w) {                          \
+    AVX2_OR(T##_deq_row_avx2(row, nb, w));                                                           \
     int8_t q[QK]; float sc[QK / S], mn[QK / S];                                                      \
     for (int64_t b = 0; b < nb; b++) {                                                               \
         unpack_##T(row + b * BYTES, q, sc, mn);                                                      \
@@ -233,6 +471,7 @@ void T##_gather_rows(const uint8_t *raw, int64_t row_bytes, int64_t K, const int
 }                                                                                                    \
 void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,                    \
                     const float *x, int64_t N, float *out) {                                         \
+    AVX2_OR(T##_gemv_exact_avx2(raw, row_bytes, K, M, x, N, out));                                   \
     _Pragma("omp parallel")                                                                          \
     {                                                                                                \
         float *w = (float *)malloc(sizeof(float) * K);                                               \
@@ -246,6 +485,7 @@ void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,
 }                                                                                                    \
 void T##_gemv_fast(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,                     \
                    const int8_t *xq, const float *xd, const float *xs16, int64_t N, float *out) {    \
+    AVX2_OR(T##_gemv_fast_avx2(raw, row_bytes, K, M, xq, xd, xs16, N, out));                         \
     const int64_t nb = K / QK, nsub = K / S;                                                         \
     _Pragma("omp parallel")                                                                          \
     {                                                                                                \
@@ -323,6 +563,61 @@ void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,
 
 DEFINE_FLOAT_KERNELS(f16)
 DEFINE_FLOAT_KERNELS(bf16)
+
+/* ---- large batches: tiles of dequantized rows through BLAS sgemm ----------------------------- *
+ * Every thread dequantizes its own tile of weight rows into an L2-sized scratch and multiplies it
+ * with the whole activation batch by a single-threaded sgemm (numpy's OpenBLAS, whose address
+ * native.py hands over): one pool of threads for all of a node's heavy work, so kernel threads
+ * and BLAS threads never compete for the cores.                                               */
+typedef void (*sgemm64_t)(int, int, int, int64_t, int64_t, int64_t, float, const float *, int64_t,
+                          const float *, int64_t, float, float *, int64_t);
+typedef void (*sgemm32_t)(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                          float, float *, int);
+typedef void (*blas_threads_t)(int);
+static void *g_sgemm = NULL;
+static int g_ilp64 = 0;
+static blas_threads_t g_blas_local_threads = NULL;
+
+void set_blas(void *sgemm, int ilp64, void *local_threads) {
+    g_sgemm = sgemm;
+    g_ilp64 = ilp64;
+    g_blas_local_threads = (blas_threads_t)local_threads;
+}
+
+static void sgemm_nt(int64_t n, int64_t r, int64_t k, const float *x, const float *t, float *out, int64_t ldc) {
+    /* out[n, r] (row stride ldc) = x[n, k] . t[r, k]^T ; CblasRowMajor, NoTrans, Trans */
+    if (g_ilp64)
+        ((sgemm64_t)g_sgemm)(101, 111, 112, n, r, k, 1.0f, x, k, t, k, 0.0f, out, ldc);
+    else
+        ((sgemm32_t)g_sgemm)(101, 111, 112, (int)n, (int)r, (int)k, 1.0f, x, (int)k, t, (int)k, 0.0f, out, (int)ldc);
+}
+
+#define DEFINE_GEMM(T, ROW)                                                                         \
+int T##_gemm(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M, const float *x, int64_t N, \
+             float *out, int64_t tile_rows) {                                                        \
+    if (!g_sgemm) return -1;                                                                         \
+    const int64_t n_tiles = (M + tile_rows - 1) / tile_rows;                                         \
+    _Pragma("omp parallel")                                                                          \
+    {                                                                                                \
+        if (g_blas_local_threads) g_blas_local_threads(1);                                           \
+        float *tile = (float *)malloc(sizeof(float) * tile_rows * K);                                \
+        _Pragma("omp for schedule(dynamic, 1)")                                                      \
+        for (int64_t t = 0; t < n_tiles; t++) {                                                      \
+            const int64_t r0 = t * tile_rows, r1 = r0 + tile_rows < M ? r0 + tile_rows : M;          \
+            for (int64_t r = r0; r < r1; r++) ROW(raw + r * row_bytes, K, tile + (r - r0) * K);      \
+            sgemm_nt(N, r1 - r0, K, x, tile, out + r0, M);                                           \
+        }                                                                                            \
+        free(tile);                                                                                  \
+    }                                                                                                \
+    return 0;                                                                                        \
+}
+#define QROW(T, QK) static inline void T##_qrow(const uint8_t *row, int64_t K, float *w) { T##_deq_row(row, K / QK, w); }
+QROW(q4_0, 32) QROW(q4_1, 32) QROW(q5_0, 32) QROW(q5_1, 32) QROW(q8_0, 32)
+QROW(q2_k, 256) QROW(q3_k, 256) QROW(q4_k, 256) QROW(q5_k, 256) QROW(q6_k, 256)
+DEFINE_GEMM(q4_0, q4_0_qrow) DEFINE_GEMM(q4_1, q4_1_qrow) DEFINE_GEMM(q5_0, q5_0_qrow)
+DEFINE_GEMM(q5_1, q5_1_qrow) DEFINE_GEMM(q8_0, q8_0_qrow) DEFINE_GEMM(q2_k, q2_k_qrow)
+DEFINE_GEMM(q3_k, q3_k_qrow) DEFINE_GEMM(q4_k, q4_k_qrow) DEFINE_GEMM(q5_k, q5_k_qrow)
+DEFINE_GEMM(q6_k, q6_k_qrow) DEFINE_GEMM(f16, f16_row) DEFINE_GEMM(bf16, bf16_row)
 
 /* ---- activations: x[N, K] -> int8 per 32 values, their scales, and per-16 sums of d*q -------- */
 

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (``kernels.c``): built once per machine with the system C compiler,
-cached on disk, loaded with ctypes.
+"""The compiled CPU kernels (``kernels.c``: quantized matmul; ``ops.c``: the other hot ops):
+built once per machine with the system C compiler, cached on disk, loaded with ctypes.
 
 The library is compiled for the CPU it runs on (``-march=native``), so it lives in a cache keyed
 by the source, the compiler and the CPU's flags: ``$LLAMARPC_KERNEL_CACHE``, else
@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c"))
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-std=c11"]
 QUANT_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -65,7 +65,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES if p.exists())
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(src + ver.encode() + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     for d in _cache_dirs():
@@ -79,7 +79,8 @@ def _build(cc: str) -> Path:
         except OSError:
             continue
         try:
-            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+            srcs = [str(p) for p in SOURCES if p.exists()]
+            r = subprocess.run([cc, *CFLAGS, "-o", tmp, *srcs, "-lm"], capture_output=True, text=True, timeout=300)
             if r.returncode:
                 raise RuntimeError(f"{cc} failed: {r.stderr[-2000:]}")
             os.replace(tmp, lib)   # atomic: a concurrent builder's file is as good as ours
@@ -96,10 +97,36 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"{t}_dequant_rows").argtypes = [P, I64, I64, I64, I64, P]
         getattr(lib, f"{t}_gather_rows").argtypes = [P, I64, I64, P, I64, P]
         getattr(lib, f"{t}_gemv_exact").argtypes = [P, I64, I64, I64, P, I64, P]
+        getattr(lib, f"{t}_gemm").argtypes = [P, I64, I64, I64, P, I64, P, I64]
     for t in QUANT_NAMES:
         getattr(lib, f"{t}_gemv_fast").argtypes = [P, I64, I64, I64, P, P, P, I64, P]
     lib.quantize_q8.argtypes = [P, I64, I64, P, P, P]
+    lib.set_blas.argtypes = [P, ctypes.c_int, P]
     lib.set_threads.argtypes = [ctypes.c_int]
+
+
+def _hook_blas(lib: ctypes.CDLL) -> None:
+    """Hand numpy's OpenBLAS sgemm to the kernels (for the tiles of large batches), and keep
+    numpy's own BLAS calls on one thread: the kernels' threads do the node's parallel work, and
+    two pools spinning on the same cores slowed both 4x (measured)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    for info in threadpool_info():
+        if info.get("internal_api") != "openblas":
+            continue
+        blas = ctypes.CDLL(info["filepath"])
+        prefix = info.get("prefix", "")
+        for name, ilp64 in ((f"{prefix}cblas_sgemm64_", 1), ("scipy_cblas_sgemm64_", 1), ("cblas_sgemm64_", 1),
+                            ("cblas_sgemm", 0)):
+            fn = getattr(blas, name, None)
+            if fn is not None:
+                local = getattr(blas, "openblas_set_num_threads_local", None)
+                lib.set_blas(ctypes.cast(fn, ctypes.c_void_p), ilp64,
+                             ctypes.cast(local, ctypes.c_void_p) if local is not None else None)
+                threadpool_limits(1, user_api="blas")
+                log.debug("large batches: dequantized tiles through %s %s", info["filepath"], name)
+                return
+    log.info("no OpenBLAS sgemm found for the kernels: large batches go through numpy's matmul")
 
 
 def load() -> ctypes.CDLL | None:
@@ -118,6 +145,7 @@ def load() -> ctypes.CDLL | None:
                 raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
             lib = ctypes.CDLL(str(_build(cc)))
             _declare(lib)
+            _hook_blas(lib)
             if _threads:
                 lib.set_threads(_threads)
             _lib = lib
@@ -127,6 +155,12 @@ def load() -> ctypes.CDLL | None:
             _lib = None
         _tried = True
         return _lib
+
+
+def threads() -> int:
+    if _lib is not None:
+        return int(_lib.get_threads())
+    return _threads or (os.cpu_count() or 1)
 
 
 def set_threads(n: int) -> None:
