@@ -584,12 +584,21 @@ void set_blas(void *sgemm, int ilp64, void *local_threads) {
     g_blas_local_threads = (blas_threads_t)local_threads;
 }
 
+#define K_SLICE 256
 static void sgemm_nt(int64_t n, int64_t r, int64_t k, const float *x, const float *t, float *out, int64_t ldc) {
-    /* out[n, r] (row stride ldc) = x[n, k] . t[r, k]^T ; CblasRowMajor, NoTrans, Trans */
-    if (g_ilp64)
-        ((sgemm64_t)g_sgemm)(101, 111, 112, n, r, k, 1.0f, x, k, t, k, 0.0f, out, ldc);
-    else
-        ((sgemm32_t)g_sgemm)(101, 111, 112, (int)n, (int)r, (int)k, 1.0f, x, (int)k, t, (int)k, 0.0f, out, (int)ldc);
+    /* out[n, r] (row stride ldc) = x[n, k] . t[r, k]^T ; CblasRowMajor, NoTrans, Trans. K goes in
+     * slices added up one after another: BLAS sums each output along K in one running sum, which
+     * rounds twice as badly as the gemv kernels' lane-wise sums (measured); slices keep the batch
+     * path as accurate as decode, so a prompt and its tokens one by one give the same logits. */
+    for (int64_t k0 = 0; k0 < k; k0 += K_SLICE) {
+        const int64_t kc = k - k0 < K_SLICE ? k - k0 : K_SLICE;
+        const float beta = k0 ? 1.0f : 0.0f;
+        if (g_ilp64)
+            ((sgemm64_t)g_sgemm)(101, 111, 112, n, r, kc, 1.0f, x + k0, k, t + k0, k, beta, out, ldc);
+        else
+            ((sgemm32_t)g_sgemm)(101, 111, 112, (int)n, (int)r, (int)kc, 1.0f, x + k0, (int)k, t + k0, (int)k, beta,
+                                 out, (int)ldc);
+    }
 }
 
 #define DEFINE_GEMM(T, ROW)                                                                         \
