@@ -98,8 +98,10 @@ def _get_rows(c: Ctx, op: OpSpec) -> Any:
 
 
 def _matmul(c: Ctx, op: OpSpec) -> Any:
-    x_i, w_i = op.args
-    x = c.arg(x_i)
+    return _matmul_weight(c, c.arg(op.args[0]), op.args[1])
+
+
+def _matmul_weight(c: Ctx, x: Any, w_i: int) -> Any:
     if not c.stored(w_i) or c.spec(w_i).type == GGMLType.F32 or len(c.spec(w_i).shape) != 2:
         return K.matmul(c.xp, x, c.arg(w_i))
     ts = c.spec(w_i)
@@ -137,7 +139,7 @@ def _binary(fn: Callable[[Any, Any, Any], Any]) -> Callable[[Ctx, OpSpec], Any]:
 Kernel = Callable[[Ctx, OpSpec], Any]
 
 # op -> kernel; the device-specific parts (matmul, get_rows) look at the device themselves
-KERNELS: dict[int, Kernel] = {
+KERNELS: dict[int | str, Kernel] = {
     pb.GET_ROWS: _get_rows,
     pb.RMS_NORM: lambda c, op: K.rms_norm(c.xp, c.arg(op.args[0]), op.attrs.eps),
     pb.LAYER_NORM: lambda c, op: K.layer_norm(c.xp, c.arg(op.args[0]), op.attrs.eps),
@@ -155,7 +157,10 @@ KERNELS: dict[int, Kernel] = {
     pb.SOFTCAP: lambda c, op: K.softcap(c.xp, c.arg(op.args[0]), op.attrs.scale),
     pb.POOL: _pool,
 }
-assert set(KERNELS) == set(K.OP_ARITY), "every op in the op set has a kernel"
+assert set(KERNELS) == set(K.OP_ARITY), "every op in the op set has a kernel"  # fuse.py adds its own
+
+# kernels of fused steps (see fuse.py) and the bytes they allocate; registered by fuse.py
+FUSED_BYTES: dict[str, Callable[[Ctx, Any], tuple[int, int]]] = {}
 
 
 def bind_inputs(plan: Plan, given: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -205,6 +210,17 @@ def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, i
     return 4 * kept, 4 * transient
 
 
+def _kind_name(kind: int | str) -> str:
+    return pb.OpType.Name(kind) if isinstance(kind, int) else kind
+
+
+def step_bytes(c: Ctx, step: Any) -> tuple[int, int]:
+    """(kept, transient) bytes a step is about to allocate, from its argument shapes."""
+    if isinstance(step.kind, int):
+        return _op_bytes(step.kind, [c.shape(i) for i in step.args], step.attrs)
+    return FUSED_BYTES[step.kind](c, step)
+
+
 def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarray],
             mode: str = "exact") -> dict[str, np.ndarray]:
     if not plan.alive:
@@ -213,24 +229,28 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
     host_inputs = bind_inputs(plan, given)
     values: list[Any] = [dev.to_device(a) for a in host_inputs] + [None] * (len(plan.tensors) + len(plan.ops))
     c = Ctx(plan, memory, session, mode, values)
-    base = c.n_in + c.n_t
     limit = max(SCRATCH_FACTOR * memory.capacity, MIN_SCRATCH)
     scratch = 0
-    j, op = 0, None
+    step = plan.steps[0]
     try:
-        for j, op in enumerate(plan.ops):
-            kept, transient = _op_bytes(op.type, [c.shape(i) for i in op.args], op.attrs)
+        for step, release in zip(plan.steps, plan.release):
+            kept, transient = step_bytes(c, step)
             if scratch + kept + transient > limit:
                 raise ResourceExhausted(
-                    f"op {j} ({pb.OpType.Name(op.type)}) would need {kept + transient} bytes on top of {scratch} "
-                    f"already held by this Compute; the limit is {limit}")
+                    f"op {step.ops[0]} ({_kind_name(step.kind)}) would need {kept + transient} bytes on top of "
+                    f"{scratch} already held by this Compute; the limit is {limit}")
             scratch += kept
-            values[base + j] = KERNELS[op.type](c, op)
-            for v in plan.release[j]:   # intermediates live only until their last reader
+            out = KERNELS[step.kind](c, step)
+            if len(step.outs) == 1:
+                values[step.outs[0]] = out
+            else:
+                for v, o in zip(step.outs, out):
+                    values[v] = o
+            for v in release:   # intermediates live only until their last reader
                 scratch -= 4 * math.prod(values[v].shape)
                 values[v] = None
     except K.ShapeError as e:
-        raise InvalidArgument(f"op {j} ({pb.OpType.Name(op.type)}): {e}") from None
+        raise InvalidArgument(f"op {step.ops[0]} ({_kind_name(step.kind)}): {e}") from None
     result = {}
     for name, idx in plan.outputs:
         v = c.arg(idx)

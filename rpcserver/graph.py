@@ -54,6 +54,21 @@ class OpSpec:
     attrs: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One kernel call of a plan: a wire op, or (after `fuse`) several fused into one. It reads
+    `args` and writes `outs` (value indices); `ops` are the plan ops it computes."""
+    kind: int | str
+    args: tuple[int, ...]
+    outs: tuple[int, ...]
+    attrs: Any
+    ops: tuple[int, ...]
+
+    @property
+    def type(self) -> int | str:
+        return self.kind
+
+
 @dataclasses.dataclass
 class Plan:
     inputs: list[InputSpec]
@@ -62,24 +77,33 @@ class Plan:
     outputs: list[tuple[str, int]]
     buffers: frozenset[int]
     alive: bool = True
-    # per op: the op-output values whose last reader it is (freed right after it runs)
+    # what runs: one step per op until `fuse.fuse_plan` rewrites them
+    steps: list[Step] = dataclasses.field(default_factory=list)
+    # per step: the op-output values whose last reader it is (freed right after it runs)
     release: list[tuple[int, ...]] = dataclasses.field(default_factory=list)
     # value index -> the stored tensor's view into its buffer (made on first use; a buffer's
     # array lives as long as the buffer, and a freed buffer marks the plan dead)
     views: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n_in, n_t = len(self.inputs), len(self.tensors)
+        base = len(self.inputs) + len(self.tensors)
+        if not self.steps:
+            self.steps = [Step(op.type, op.args, (base + j,), op.attrs, (j,)) for j, op in enumerate(self.ops)]
+        self.set_steps(self.steps)
+
+    def set_steps(self, steps: list[Step]) -> None:
+        base = len(self.inputs) + len(self.tensors)
         last: dict[int, int] = {}
-        for j, op in enumerate(self.ops):
-            for a in op.args:
-                if a >= n_in + n_t:
+        for j, st in enumerate(steps):
+            for a in st.args:
+                if a >= base:
                     last[a] = j
         kept = {v for _, v in self.outputs}
-        rel: list[list[int]] = [[] for _ in self.ops]
+        rel: list[list[int]] = [[] for _ in steps]
         for v, j in last.items():
             if v not in kept:
                 rel[j].append(v)
+        self.steps = steps
         self.release = [tuple(r) for r in rel]
 
 

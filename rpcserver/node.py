@@ -20,6 +20,7 @@ from llamarpc.proto.types import SUPPORTED_TYPES
 from . import kernels, quant
 from .device import Device, open_device
 from .executor import execute
+from .fuse import fuse_plan
 from .graph import Plan, compile_graph
 from .hostmem import tune_malloc
 from .memory import ALIGNMENT, Memory
@@ -46,7 +47,7 @@ class Node:
     "exact" (float32 activations), "fast" (8-bit activations, as llama.cpp) or "reference"."""
 
     def __init__(self, device: str | Device = "cpu", capacity: int | None = None, name: str = "node",
-                 matmul_mode: str = "exact") -> None:
+                 matmul_mode: str = "exact", fuse: bool = True) -> None:
         if matmul_mode not in quant.MODES:
             raise ValueError(f"unknown matmul mode {matmul_mode!r}: expected one of {', '.join(quant.MODES)}")
         self.device = device if isinstance(device, Device) else open_device(device)
@@ -56,6 +57,7 @@ class Node:
                 quant.native.load()   # compiled (or loaded from its cache) now, not on the first step
         self.name = name
         self.matmul_mode = matmul_mode
+        self.fuse = fuse
         self.memory = Memory(self.device, capacity if capacity is not None else default_capacity())
         self._graphs: dict[str, dict[int, Plan]] = {}
         self._graph_ids = itertools.count(1)
@@ -167,6 +169,8 @@ class Node:
             if len(graphs) >= MAX_GRAPHS_PER_SESSION:
                 raise InvalidArgument(f"a session may register at most {MAX_GRAPHS_PER_SESSION} graphs")
             plan = compile_graph(graph, self.memory, session)
+            if self.fuse:
+                fuse_plan(plan)
             gid = next(self._graph_ids)
             graphs[gid] = plan
             return gid

@@ -118,7 +118,7 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         return x @ w.raw.reshape(w.m, w.k).T
     lib = native.load() if mode != "reference" else None
     if lib is None:
-        if mode == "fast" and qt.has_fast:
+        if mode == "fast" and qt.has_fast and n <= GEMV_MAX_ROWS:   # as the kernels: batches run exactly
             return reference.matmul_fast(x, w.raw, w.qtype, w.m, w.k)
         return reference.matmul(x, w.raw, w.qtype, w.m, w.k)
     out = np.empty((n, w.m), np.float32)

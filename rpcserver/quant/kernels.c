@@ -310,15 +310,21 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* 32 signed weight bytes . 32 signed activation bytes -> 8 int32 lanes (4 per half) */
-static inline __m256i dot32_i8(__m256i q, __m256i x) {
-    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
-    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+/* 32 unsigned weight bytes . 32 signed activation bytes -> 8 int32 lanes (lanes 0-3: values
+ * 0-15, lanes 4-7: values 16-31): one VNNI instruction where the CPU has it, else maddubs + madd */
+static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, x);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
 }
 
 /* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
  * so the compiler keeps the accumulators in registers). */
-#define AVX2_ROW_BODIES(T, QK, BYTES)                                                               \
+#define AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                         \
 static inline __attribute__((always_inline)) void T##_row_exact(                                    \
         const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
@@ -336,26 +342,29 @@ static inline __attribute__((always_inline)) void T##_row_exact(                
 static inline __attribute__((always_inline)) void T##_row_fast(                                     \
         const uint8_t *row, int64_t nb, const int8_t *const *xq, const float *const *xd,             \
         const float *const *xs, const int nr, float *res) {                                          \
+    /* u = q + BIAS >= 0 is what the byte dot takes; the bias moves into the offsets: */            \
+    /* w = s*u + (m - s*BIAS), and the offset term needs only each half's activation sum */          \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
     float macc[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                        \
     float s[2], m[2];                                                                                \
     for (int64_t b = 0; b < nb; b++)                                                                 \
         for (int c = 0; c < QK / 32; c++) {                                                          \
-            const __m256i q = T##_chunk(row + b * BYTES, c, s, m);                                   \
+            const __m256i u = _mm256_add_epi8(T##_chunk(row + b * BYTES, c, s, m), _mm256_set1_epi8((char)BIAS)); \
+            const float m0 = m[0] - s[0] * (float)BIAS, m1 = m[1] - s[1] * (float)BIAS;              \
             const int64_t kb = b * (QK / 32) + c;                                                    \
             for (int i = 0; i < nr; i++) {                                                           \
-                const __m256i p = dot32_i8(q, ld256((const uint8_t *)(xq[i] + 32 * kb)));            \
+                const __m256i p = dot32_u8i8(u, ld256((const uint8_t *)(xq[i] + 32 * kb)));          \
                 const float d = xd[i][kb];                                                           \
                 const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[1] * d), _mm_set1_ps(s[0] * d));     \
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[i]);                         \
-                macc[i] += m[0] * xs[i][2 * kb] + m[1] * xs[i][2 * kb + 1];                          \
+                macc[i] += m0 * xs[i][2 * kb] + m1 * xs[i][2 * kb + 1];                              \
             }                                                                                        \
         }                                                                                            \
     for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]) + macc[i];                                   \
 }
 
-#define DEFINE_AVX2_KERNELS(T, QK, BYTES)                                                           \
-AVX2_ROW_BODIES(T, QK, BYTES)                                                                        \
+#define DEFINE_AVX2_KERNELS(T, QK, BYTES, BIAS)                                                     \
+AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                                  \
 static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) {                     \
     float s[2], m[2]; __m256 v[4];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
@@ -411,16 +420,16 @@ static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K,
     }                                                                                                \
 }
 
-DEFINE_AVX2_KERNELS(q4_0, 32, 18)
-DEFINE_AVX2_KERNELS(q4_1, 32, 20)
-DEFINE_AVX2_KERNELS(q5_0, 32, 22)
-DEFINE_AVX2_KERNELS(q5_1, 32, 24)
-DEFINE_AVX2_KERNELS(q8_0, 32, 34)
-DEFINE_AVX2_KERNELS(q2_k, 256, 84)
-DEFINE_AVX2_KERNELS(q3_k, 256, 110)
-DEFINE_AVX2_KERNELS(q4_k, 256, 144)
-DEFINE_AVX2_KERNELS(q5_k, 256, 176)
-DEFINE_AVX2_KERNELS(q6_k, 256, 210)
+DEFINE_AVX2_KERNELS(q4_0, 32, 18, 8)
+DEFINE_AVX2_KERNELS(q4_1, 32, 20, 0)
+DEFINE_AVX2_KERNELS(q5_0, 32, 22, 16)
+DEFINE_AVX2_KERNELS(q5_1, 32, 24, 0)
+DEFINE_AVX2_KERNELS(q8_0, 32, 34, 128)
+DEFINE_AVX2_KERNELS(q2_k, 256, 84, 0)
+DEFINE_AVX2_KERNELS(q3_k, 256, 110, 4)
+DEFINE_AVX2_KERNELS(q4_k, 256, 144, 0)
+DEFINE_AVX2_KERNELS(q5_k, 256, 176, 0)
+DEFINE_AVX2_KERNELS(q6_k, 256, 210, 32)
 #endif
 
 /* ---- drivers, one set per type ---------------------------------------------------------------- */

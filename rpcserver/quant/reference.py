@@ -15,6 +15,8 @@ TILE_BYTES = 4 << 20   # float32 scratch per tile
 
 def dequantize(raw: np.ndarray, qtype: GGMLType, k: int) -> np.ndarray:
     """Stored rows (uint8 blocks, or a typed array for F32/F16) -> float32 [rows, k]."""
+    if raw.shape[0] == 0:
+        return np.empty((0, k), np.float32)
     if qtype == GGMLType.F32:
         return np.asarray(raw, dtype=np.float32).reshape(-1, k)
     if qtype == GGMLType.F16:
@@ -51,5 +53,5 @@ def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def matmul_fast(x: np.ndarray, raw: np.ndarray, qtype: GGMLType, m: int, k: int) -> np.ndarray:
     """What the fast kernels compute: the weights exactly, the activations rounded to 8 bits."""
     q, d = quantize_q8(x)
-    xr = (q.reshape(x.shape[0], -1, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
+    xr = (q.reshape(x.shape[0], k // 32, 32).astype(np.float32) * d[..., None]).reshape(x.shape)
     return matmul(xr, raw, qtype, m, k)
