@@ -22,6 +22,7 @@ from . import kernels as K
 from . import quant
 from .graph import MAX_POOL_WORK, MAX_SYMBOL_VALUE, MIN_SCRATCH, SCRATCH_FACTOR, OpSpec, Plan, TensorSpec
 from .memory import Memory
+from .quant import ops as cpu_ops
 from .quant import reference as quant_ref
 
 
@@ -115,9 +116,21 @@ def _matmul_weight(c: Ctx, x: Any, w_i: int) -> Any:
 
 def _attention(c: Ctx, op: OpSpec) -> Any:
     a, at = op.args, op.attrs
+    if c.dev.is_cpu:
+        return cpu_ops.attention(c.arg(a[0]), c.arg(a[1]), c.arg(a[2]), c.raw(a[3]), c.raw(a[4]), *(c.arg(i) for i in a[5:10]),
+                                 n_head=at.n_head, n_head_kv=at.n_head_kv, head_dim=at.head_dim, scale=at.scale,
+                                 sliding_window=at.sliding_window, softcap_=at.softcap)
     return K.attention(c.xp, c.arg(a[0]), c.arg(a[1]), c.arg(a[2]), c.raw(a[3]), c.raw(a[4]),
                        *(c.arg(i) for i in a[5:10]), n_head=at.n_head, n_head_kv=at.n_head_kv,
                        head_dim=at.head_dim, scale=at.scale, sliding_window=at.sliding_window, softcap_=at.softcap)
+
+
+def _rope(c: Ctx, op: OpSpec) -> Any:
+    at = op.attrs
+    x, pos = c.arg(op.args[0]), c.arg(op.args[1])
+    if c.dev.is_cpu:
+        return cpu_ops.rope(x, pos, at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale)
+    return K.rope(c.xp, x, pos, at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale, memo=c.rope_memo)
 
 
 def _pool(c: Ctx, op: OpSpec) -> Any:
@@ -141,14 +154,14 @@ Kernel = Callable[[Ctx, OpSpec], Any]
 # op -> kernel; the device-specific parts (matmul, get_rows) look at the device themselves
 KERNELS: dict[int | str, Kernel] = {
     pb.GET_ROWS: _get_rows,
-    pb.RMS_NORM: lambda c, op: K.rms_norm(c.xp, c.arg(op.args[0]), op.attrs.eps),
+    pb.RMS_NORM: lambda c, op: (cpu_ops.rms_norm(c.arg(op.args[0]), op.attrs.eps) if c.dev.is_cpu
+                                else K.rms_norm(c.xp, c.arg(op.args[0]), op.attrs.eps)),
     pb.LAYER_NORM: lambda c, op: K.layer_norm(c.xp, c.arg(op.args[0]), op.attrs.eps),
     pb.MATMUL: _matmul,
     pb.ADD: _binary(K.add),
     pb.MUL: _binary(K.mul),
     pb.SCALE: lambda c, op: c.arg(op.args[0]) * op.attrs.scale,
-    pb.ROPE: lambda c, op: K.rope(c.xp, c.arg(op.args[0]), c.arg(op.args[1]), op.attrs.head_dim, op.attrs.n_dims,
-                                  op.attrs.rope_mode, op.attrs.freq_base, op.attrs.freq_scale, memo=c.rope_memo),
+    pb.ROPE: _rope,
     pb.ATTENTION: _attention,
     pb.SILU: _unary(K.silu),
     pb.GELU: _unary(K.gelu),

@@ -19,6 +19,7 @@ from llamarpc.proto.types import GGMLType
 from . import kernels as K
 from .executor import FUSED_BYTES, KERNELS, Ctx, _matmul_weight, _op_bytes
 from .graph import Plan, Step
+from .quant import ops as cpu_ops
 
 
 def fuse_plan(plan: Plan) -> int:
@@ -75,12 +76,7 @@ def fuse_plan(plan: Plan) -> int:
 def _rms_norm_mul(c: Ctx, step: Step) -> Any:
     x, w = c.arg(step.args[0]), c.arg(step.args[1])
     if c.dev.is_cpu and x.ndim == 2 and w.shape == (x.shape[1],):
-        try:
-            from .quant import ops
-        except ImportError:
-            ops = None
-        if ops is not None:
-            return ops.rms_norm(x, step.attrs.eps, w)
+        return cpu_ops.rms_norm(x, step.attrs.eps, w)
     return K.mul(c.xp, K.rms_norm(c.xp, x, step.attrs.eps), w)
 
 

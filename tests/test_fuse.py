@@ -34,5 +34,11 @@ def test_fused_plan_equals_unfused(model_path, mode):
     assert folded0 == 0
     # per layer: two norm+mul pairs become one step each, q/k/v and gate/up one step each
     assert folded1 >= 30 * 5
-    assert np.abs(p0 - p1).max() <= 1e-4
-    assert np.abs(s0 - s1).max() <= 1e-4
+    if mode == "exact":
+        assert np.abs(p0 - p1).max() <= 1e-4
+        assert np.abs(s0 - s1).max() <= 1e-4
+    else:
+        # 8-bit activations: the fused norm's last-bit differences move some roundings of the
+        # activations, which moves logits by up to what fast mode itself moves them (~0.8 on the
+        # fixtures, scripts/fidelity_modes.py), never more
+        assert np.abs(p0 - p1).max() <= 1.0 and np.abs(s0 - s1).max() <= 1.0

@@ -283,3 +283,22 @@ def test_threads_agree(t, monkeypatch):
     finally:
         quant.set_threads(prev)
     assert native.threads() == prev
+
+
+def test_thread_count_holds_on_every_calling_thread():
+    """The node computes on gRPC worker threads: --threads must bind there too, not only on the
+    thread that set it (OpenMP's own setting is per thread)."""
+    import threading
+
+    if quant.native.load() is None:
+        pytest.skip("no compiled kernels here")
+    before = quant.native.threads()
+    seen = []
+    try:
+        quant.set_threads(1)
+        t = threading.Thread(target=lambda: seen.append(quant.native.threads()))
+        t.start()
+        t.join()
+    finally:
+        quant.set_threads(before)
+    assert seen == [1]

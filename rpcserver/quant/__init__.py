@@ -126,7 +126,9 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         return out
     b = w.blocks
     if n > GEMV_MAX_ROWS:
-        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // native.threads()) + 15 & ~15))
+        # tiles from the shapes alone (never the thread count: BLAS's sums may depend on a tile's
+        # size, and a node must compute the same bits whatever its --threads); >= 8 tiles a matrix
+        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // 8) + 15 & ~15))
         if getattr(lib, f"{qt.kernel}_gemm")(_ptr(b), b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
             return out
         tile = _buf("tile", min(rows, w.m) * w.k, np.float32)   # no BLAS handle: tiles from here

@@ -25,6 +25,17 @@
 
 #define MAX_QK 256
 
+/* threads every parallel region uses, whatever thread calls in (omp_set_num_threads would set
+ * only the calling thread's count; the node computes on gRPC worker threads) */
+static int g_threads = 0;
+int llr_num_threads(void) {
+#ifdef _OPENMP
+    return g_threads > 0 ? g_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {
@@ -377,7 +388,7 @@ static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) { 
 static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
                                 const float *x, int64_t N, float *out) {                             \
     const int64_t nb = K / QK;                                                                       \
-    _Pragma("omp parallel for schedule(static)")                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(llr_num_threads())")                                                     \
     for (int64_t r = 0; r < M; r++) {                                                                \
         const uint8_t *row = raw + r * row_bytes;                                                    \
         float res[4];                                                                                \
@@ -398,7 +409,7 @@ static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K,
                                const int8_t *xq, const float *xd, const float *xs16, int64_t N,      \
                                float *out) {                                                         \
     const int64_t nb = K / QK;                                                                       \
-    _Pragma("omp parallel for schedule(static)")                                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(llr_num_threads())")                                                     \
     for (int64_t r = 0; r < M; r++) {                                                                \
         const uint8_t *row = raw + r * row_bytes;                                                    \
         float res[4];                                                                                \
@@ -470,18 +481,18 @@ static inline void T##_deq_row(const uint8_t *row, int64_t nb, float *w) {      
 }                                                                                                    \
 void T##_dequant_rows(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t r0, int64_t r1,      \
                       float *out) {                                                                  \
-    _Pragma("omp parallel for schedule(static) if ((r1 - r0) * K > 65536)")                         \
+    _Pragma("omp parallel for schedule(static) if ((r1 - r0) * K > 65536) num_threads(llr_num_threads())")                         \
     for (int64_t r = r0; r < r1; r++) T##_deq_row(raw + r * row_bytes, K / QK, out + (r - r0) * K);  \
 }                                                                                                    \
 void T##_gather_rows(const uint8_t *raw, int64_t row_bytes, int64_t K, const int32_t *ids,          \
                      int64_t n, float *out) {                                                        \
-    _Pragma("omp parallel for schedule(static) if (n * K > 65536)")                                 \
+    _Pragma("omp parallel for schedule(static) if (n * K > 65536) num_threads(llr_num_threads())")                                 \
     for (int64_t i = 0; i < n; i++) T##_deq_row(raw + (int64_t)ids[i] * row_bytes, K / QK, out + i * K); \
 }                                                                                                    \
 void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,                    \
                     const float *x, int64_t N, float *out) {                                         \
     AVX2_OR(T##_gemv_exact_avx2(raw, row_bytes, K, M, x, N, out));                                   \
-    _Pragma("omp parallel")                                                                          \
+    _Pragma("omp parallel num_threads(llr_num_threads())")                                                                          \
     {                                                                                                \
         float *w = (float *)malloc(sizeof(float) * K);                                               \
         _Pragma("omp for schedule(static)")                                                          \
@@ -496,7 +507,7 @@ void T##_gemv_fast(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M, 
                    const int8_t *xq, const float *xd, const float *xs16, int64_t N, float *out) {    \
     AVX2_OR(T##_gemv_fast_avx2(raw, row_bytes, K, M, xq, xd, xs16, N, out));                         \
     const int64_t nb = K / QK, nsub = K / S;                                                         \
-    _Pragma("omp parallel")                                                                          \
+    _Pragma("omp parallel num_threads(llr_num_threads())")                                                                          \
     {                                                                                                \
         int8_t *q = (int8_t *)malloc(K);                                                             \
         float *sc = (float *)malloc(sizeof(float) * 2 * nsub), *mn = sc + nsub;                      \
@@ -548,17 +559,17 @@ static inline void bf16_row(const uint8_t *row, int64_t K, float *w) {
 #define DEFINE_FLOAT_KERNELS(T)                                                                     \
 void T##_dequant_rows(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t r0, int64_t r1,      \
                       float *out) {                                                                  \
-    _Pragma("omp parallel for schedule(static) if ((r1 - r0) * K > 65536)")                         \
+    _Pragma("omp parallel for schedule(static) if ((r1 - r0) * K > 65536) num_threads(llr_num_threads())")                         \
     for (int64_t r = r0; r < r1; r++) T##_row(raw + r * row_bytes, K, out + (r - r0) * K);           \
 }                                                                                                    \
 void T##_gather_rows(const uint8_t *raw, int64_t row_bytes, int64_t K, const int32_t *ids,          \
                      int64_t n, float *out) {                                                        \
-    _Pragma("omp parallel for schedule(static) if (n * K > 65536)")                                 \
+    _Pragma("omp parallel for schedule(static) if (n * K > 65536) num_threads(llr_num_threads())")                                 \
     for (int64_t i = 0; i < n; i++) T##_row(raw + (int64_t)ids[i] * row_bytes, K, out + i * K);      \
 }                                                                                                    \
 void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,                    \
                     const float *x, int64_t N, float *out) {                                         \
-    _Pragma("omp parallel")                                                                          \
+    _Pragma("omp parallel num_threads(llr_num_threads())")                                                                          \
     {                                                                                                \
         float *w = (float *)malloc(sizeof(float) * K);                                               \
         _Pragma("omp for schedule(static)")                                                          \
@@ -615,7 +626,7 @@ int T##_gemm(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M, const 
              float *out, int64_t tile_rows) {                                                        \
     if (!g_sgemm) return -1;                                                                         \
     const int64_t n_tiles = (M + tile_rows - 1) / tile_rows;                                         \
-    _Pragma("omp parallel")                                                                          \
+    _Pragma("omp parallel num_threads(llr_num_threads())")                                                                          \
     {                                                                                                \
         if (g_blas_local_threads) g_blas_local_threads(1);                                           \
         float *tile = (float *)malloc(sizeof(float) * tile_rows * K);                                \
@@ -658,18 +669,6 @@ void quantize_q8(const float *x, int64_t N, int64_t K, int8_t *xq, float *xd, fl
         }
 }
 
-void set_threads(int n) {
-#ifdef _OPENMP
-    omp_set_num_threads(n > 0 ? n : 1);
-#else
-    (void)n;
-#endif
-}
+void set_threads(int n) { g_threads = n > 0 ? n : 1; }
 
-int get_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
+int get_threads(void) { return llr_num_threads(); }
