@@ -24,7 +24,7 @@ from . import native, reference
 
 MODES = ("exact", "fast", "reference")
 GEMV_MAX_ROWS = 16
-TILE_BYTES = 1 << 20   # float32 scratch per BLAS tile: a tile stays in L2
+TILE_BYTES = 4 << 20   # float32 scratch per BLAS tile (OpenBLAS blocks it further)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +127,8 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
     b = w.blocks
     if n > GEMV_MAX_ROWS:
         # tiles from the shapes alone (never the thread count: BLAS's sums may depend on a tile's
-        # size, and a node must compute the same bits whatever its --threads); >= 8 tiles a matrix
-        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // 8) + 15 & ~15))
+        # size, and a node must compute the same bits whatever its --threads); >= 4 tiles a matrix
+        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // 4) + 15 & ~15))
         if getattr(lib, f"{qt.kernel}_gemm")(_ptr(b), b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
             return out
         tile = _buf("tile", min(rows, w.m) * w.k, np.float32)   # no BLAS handle: tiles from here
