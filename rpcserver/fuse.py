@@ -17,6 +17,7 @@ from llamarpc.proto import pb
 from llamarpc.proto.types import GGMLType
 
 from . import kernels as K
+from . import quant
 from .executor import FUSED_BYTES, KERNELS, Ctx, _matmul_weight, _op_bytes
 from .graph import Plan, Step
 from .quant import ops as cpu_ops
@@ -82,7 +83,12 @@ def _rms_norm_mul(c: Ctx, step: Step) -> Any:
 
 def _matmuls(c: Ctx, step: Step) -> tuple[Any, ...]:
     x = c.arg(step.args[0])
-    return tuple(_matmul_weight(c, x, w) for w in step.args[1:])
+    ws = step.args[1:]
+    specs = [c.spec(w) for w in ws]
+    if (c.dev.is_cpu and x.ndim == 2 and len({(t.type, t.shape[1]) for t in specs}) == 1
+            and specs[0].type in quant.TYPES and x.shape[1] == specs[0].shape[1]):
+        return tuple(quant.matmul_many(x, [c.weight(w) for w in ws], c.mode))
+    return tuple(_matmul_weight(c, x, w) for w in ws)
 
 
 def _rms_norm_mul_bytes(c: Ctx, step: Step) -> tuple[int, int]:

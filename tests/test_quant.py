@@ -302,3 +302,14 @@ def test_thread_count_holds_on_every_calling_thread():
     finally:
         quant.set_threads(before)
     assert seen == [1]
+
+
+@pytest.mark.parametrize("t", QUANTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 5, 16])
+def test_matmul_many_equals_one_by_one(t, n):
+    """Several weights by one x in one kernel call (q/k/v, gate/up) == each matmul alone."""
+    k = ks(t)[-1]
+    ws = [weight(t, m, k)[0] for m in (7, 3, 37)]
+    x = activations(n, k)
+    for got, w in zip(quant.matmul_many(x, ws, "exact"), ws):
+        np.testing.assert_array_equal(got, quant.matmul(x, w, "exact"))

@@ -13,6 +13,7 @@ BF16 have no 8-bit mode ("fast" runs them exactly).
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import threading
 
@@ -107,6 +108,25 @@ def gather_rows(w: QWeight, ids: np.ndarray) -> np.ndarray:
     b = w.blocks
     getattr(lib, f"{qt.kernel}_gather_rows")(_ptr(b), b.shape[1], w.k, _ptr(ids), ids.shape[0], _ptr(out))
     return out
+
+
+def matmul_many(x: np.ndarray, ws: list[QWeight], mode: str = "exact") -> list[np.ndarray]:
+    """[x @ w.T for w in ws]: weights of one quantized type and K by a small batch run in one
+    kernel call (one parallel region: q/k/v or gate/up of a decode step)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    lib = native.load() if mode == "exact" else None
+    qt = TYPES[ws[0].qtype]
+    if (lib is None or len(ws) < 2 or not qt.has_fast or x.shape[0] > GEMV_MAX_ROWS or x.shape[0] == 0
+            or any(w.qtype != ws[0].qtype or w.k != ws[0].k for w in ws)):
+        return [matmul(x, w, mode) for w in ws]
+    n, k = x.shape[0], ws[0].k
+    blocks = [w.blocks for w in ws]
+    outs = [np.empty((n, w.m), np.float32) for w in ws]
+    raws = (ctypes.c_void_p * len(ws))(*(_ptr(b) for b in blocks))
+    ms = (ctypes.c_int64 * len(ws))(*(w.m for w in ws))
+    ptrs = (ctypes.c_void_p * len(ws))(*(_ptr(o) for o in outs))
+    getattr(lib, f"{qt.kernel}_gemv_exact_multi")(len(ws), raws, ms, blocks[0].shape[1], k, _ptr(x), n, ptrs)
+    return outs
 
 
 def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:

@@ -314,6 +314,16 @@ static inline void chunk_floats(__m256i q, const float *s, const float *m, __m25
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), s1, m1);
 }
 
+#if defined(__AVX512F__)
+/* the same 32 floats in two 512-bit registers: half the conversions and FMAs */
+static inline void chunk_floats16(__m256i q, const float *s, const float *m, __m512 w[2]) {
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
+                           _mm512_set1_ps(s[0]), _mm512_set1_ps(m[0]));
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
+                           _mm512_set1_ps(s[1]), _mm512_set1_ps(m[1]));
+}
+#endif
+
 static inline float hsum8(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -333,11 +343,22 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
 #endif
 }
 
-/* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
- * so the compiler keeps the accumulators in registers). */
-#define AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                         \
-static inline __attribute__((always_inline)) void T##_row_exact(                                    \
-        const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
+#if defined(__AVX512F__)
+#define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+    float s[2], m[2]; __m512 w[2];                                                                   \
+    for (int64_t b = 0; b < nb; b++)                                                                 \
+        for (int c = 0; c < QK / 32; c++) {                                                          \
+            chunk_floats16(T##_chunk(row + b * BYTES, c, s, m), s, m, w);                            \
+            const int64_t k = b * QK + c * 32;                                                       \
+            for (int i = 0; i < nr; i++) {                                                           \
+                acc[i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr[i] + k), acc[i]);                  \
+                acc[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr[i] + k + 16), acc[i]);             \
+            }                                                                                        \
+        }                                                                                            \
+    for (int i = 0; i < nr; i++) res[i] = _mm512_reduce_add_ps(acc[i]);
+#else
+#define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
     float s[2], m[2]; __m256 w[4];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
@@ -348,7 +369,19 @@ static inline __attribute__((always_inline)) void T##_row_exact(                
                 for (int j = 0; j < 4; j++)                                                          \
                     acc[i] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i]);      \
         }                                                                                            \
-    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]);                                             \
+    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]);
+#endif
+
+/* below this many multiply-adds a matmul stays on the calling thread (measured: a 192x576 matvec
+ * took as long on two threads as on one) */
+#define GEMV_PAR_WORK 200000
+
+/* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
+ * so the compiler keeps the accumulators in registers). */
+#define AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                         \
+static inline __attribute__((always_inline)) void T##_row_exact(                                    \
+        const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
+    ROW_EXACT_BODY(T, QK, BYTES)                                                                     \
 }                                                                                                    \
 static inline __attribute__((always_inline)) void T##_row_fast(                                     \
         const uint8_t *row, int64_t nb, const int8_t *const *xq, const float *const *xd,             \
@@ -385,24 +418,39 @@ static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) { 
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, v[i]);                           \
         }                                                                                            \
 }                                                                                                    \
+static inline void T##_exact_one_row(const uint8_t *row, int64_t nb, int64_t K, const float *x, int64_t N,  \
+                                     float *out, int64_t ldo, int64_t r) {                          \
+    float res[4];                                                                                    \
+    int64_t n = 0;                                                                                   \
+    for (; n + 4 <= N; n += 4) {                                                                     \
+        const float *xr[4] = {x + n * K, x + (n + 1) * K, x + (n + 2) * K, x + (n + 3) * K};         \
+        T##_row_exact(row, nb, xr, 4, res);                                                          \
+        for (int i = 0; i < 4; i++) out[(n + i) * ldo + r] = res[i];                                 \
+    }                                                                                                \
+    for (; n < N; n++) {                                                                             \
+        const float *xr[1] = {x + n * K};                                                            \
+        T##_row_exact(row, nb, xr, 1, res);                                                          \
+        out[n * ldo + r] = res[0];                                                                   \
+    }                                                                                                \
+}                                                                                                    \
 static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
                                 const float *x, int64_t N, float *out) {                             \
     const int64_t nb = K / QK;                                                                       \
-    _Pragma("omp parallel for schedule(static) num_threads(llr_num_threads())")                                                     \
-    for (int64_t r = 0; r < M; r++) {                                                                \
-        const uint8_t *row = raw + r * row_bytes;                                                    \
-        float res[4];                                                                                \
-        int64_t n = 0;                                                                               \
-        for (; n + 4 <= N; n += 4) {                                                                 \
-            const float *xr[4] = {x + n * K, x + (n + 1) * K, x + (n + 2) * K, x + (n + 3) * K};     \
-            T##_row_exact(row, nb, xr, 4, res);                                                      \
-            for (int i = 0; i < 4; i++) out[(n + i) * M + r] = res[i];                               \
-        }                                                                                            \
-        for (; n < N; n++) {                                                                         \
-            const float *xr[1] = {x + n * K};                                                        \
-            T##_row_exact(row, nb, xr, 1, res);                                                      \
-            out[n * M + r] = res[0];                                                                 \
-        }                                                                                            \
+    _Pragma("omp parallel for schedule(static) if (M * K * N > GEMV_PAR_WORK) num_threads(llr_num_threads())") \
+    for (int64_t r = 0; r < M; r++) T##_exact_one_row(raw + r * row_bytes, nb, K, x, N, out, M, r);  \
+}                                                                                                    \
+/* several weights of this type by the same x in one parallel region (q/k/v, gate/up) */            \
+static void T##_gemv_exact_multi_avx2(int64_t nw, const uint8_t *const *raws, const int64_t *ms,     \
+                                      int64_t row_bytes, int64_t K, const float *x, int64_t N,       \
+                                      float *const *outs) {                                          \
+    const int64_t nb = K / QK;                                                                       \
+    int64_t total = 0;                                                                               \
+    for (int64_t w = 0; w < nw; w++) total += ms[w];                                                 \
+    _Pragma("omp parallel for schedule(static) if (total * K * N > GEMV_PAR_WORK) num_threads(llr_num_threads())") \
+    for (int64_t g = 0; g < total; g++) {                                                            \
+        int64_t w = 0, r = g;                                                                        \
+        while (r >= ms[w]) r -= ms[w++];                                                             \
+        T##_exact_one_row(raws[w] + r * row_bytes, nb, K, x, N, outs[w], ms[w], r);                  \
     }                                                                                                \
 }                                                                                                    \
 static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,         \
@@ -502,6 +550,11 @@ void T##_gemv_exact(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,
         }                                                                                            \
         free(w);                                                                                     \
     }                                                                                                \
+}                                                                                                    \
+void T##_gemv_exact_multi(int64_t nw, const uint8_t *const *raws, const int64_t *ms, int64_t row_bytes, \
+                          int64_t K, const float *x, int64_t N, float *const *outs) {                \
+    AVX2_OR(T##_gemv_exact_multi_avx2(nw, raws, ms, row_bytes, K, x, N, outs));                      \
+    for (int64_t w = 0; w < nw; w++) T##_gemv_exact(raws[w], row_bytes, K, ms[w], x, N, outs[w]);    \
 }                                                                                                    \
 void T##_gemv_fast(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,                     \
                    const int8_t *xq, const float *xd, const float *xs16, int64_t N, float *out) {    \

@@ -100,6 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"{t}_gemm").argtypes = [P, I64, I64, I64, P, I64, P, I64]
     for t in QUANT_NAMES:
         getattr(lib, f"{t}_gemv_fast").argtypes = [P, I64, I64, I64, P, P, P, I64, P]
+        getattr(lib, f"{t}_gemv_exact_multi").argtypes = [I64, P, P, I64, I64, P, I64, P]
     lib.quantize_q8.argtypes = [P, I64, I64, P, P, P]
     lib.set_blas.argtypes = [P, ctypes.c_int, P]
     lib.set_threads.argtypes = [ctypes.c_int]
