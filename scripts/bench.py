@@ -311,7 +311,7 @@ def run_round(cfg: str, system: str, rnd: int, ctx: argparse.Namespace) -> dict:
         common = ["-m", ctx.model, "-np", str(ctx.parallel), "-c", str(ctx.ctx_size), "-t", str(ctx.threads),
                   "--host", HOST, "--port", str(port)]
         if system == "ours":
-            cmd = [ctx.ours_frontend, *common] + (["--rpc", ",".join(addrs)] if addrs else [])
+            cmd = [ctx.ours_frontend, *common, *ctx.ours_args] + (["--rpc", ",".join(addrs)] if addrs else [])
             env = {"OPENBLAS_NUM_THREADS": str(ctx.threads), "OMP_NUM_THREADS": str(ctx.threads)}
         else:
             cmd = [str(ctx.llama_bin / "llama-server"), *common, *ctx.peer_args] + (
@@ -465,6 +465,8 @@ def main() -> int:
     ap.add_argument("--rate-mbit", type=float, default=1000.0, help="(c): rate cap per direction per node link")
     ap.add_argument("--peer-args", default="", help="extra llama-server flags, space-separated (write --peer-args=--no-repack; "
                     "added by itself when llama-server dies of SIGILL in its AMX kernels)")
+    ap.add_argument("--ours-args", default="", help="extra llamarpc flags, space-separated (e.g. --ours-args='-ctk f16 "
+                    "-ctv f16' for llama.cpp's default KV cache type)")
     ap.add_argument("--wait-bin", type=float, default=3600, help="seconds to wait for the llama.cpp binaries")
     ap.add_argument("--json", default=None, help="write every round's numbers here")
     ap.add_argument("--logs", default=None, help="keep the servers' logs in this dir (default: a temp dir, removed)")
@@ -483,6 +485,7 @@ def main() -> int:
     args.ours_frontend, args.ours_node = find_ours("llamarpc"), find_ours("llamarpc-server")
     args.prompt = None
     args.peer_args = args.peer_args.split()
+    args.ours_args = args.ours_args.split()
 
     def on_signal(signum, frame) -> None:  # noqa: ARG001
         raise KeyboardInterrupt
@@ -522,7 +525,8 @@ def main() -> int:
                 Path(args.json).write_text(json.dumps({k: v for k, v in vars(args).items() if isinstance(
                     v, (str, int, float, list, type(None)))} | {"results": res}, indent=1, default=str))
     peer = "—" if args.ours_only else (f"llama.cpp {llama_version(args.llama_bin)} ({args.llama_bin})"
-                                        + (f", llama-server {' '.join(args.peer_args)}" if args.peer_args else ""))
+                                        + (f", llama-server {' '.join(args.peer_args)}" if args.peer_args else "")
+                                        + (f"; llamarpc {' '.join(args.ours_args)}" if args.ours_args else ""))
     print(f"\n{Path(args.model).name}, -t {args.threads} -np {args.parallel} -c {args.ctx_size}, nodes -t 1; "
           f"greedy, EOS ignored; median of {args.rounds} round(s); peer: {peer}\n")
     print(table(res, args))
