@@ -378,7 +378,7 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
 
 /* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
  * so the compiler keeps the accumulators in registers). */
-#define AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                         \
+#define AVX2_ROW_BODIES(T, QK, BYTES, BIAS, HALVES_SAME)                                            \
 static inline __attribute__((always_inline)) void T##_row_exact(                                    \
         const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
     ROW_EXACT_BODY(T, QK, BYTES)                                                                     \
@@ -399,16 +399,21 @@ static inline __attribute__((always_inline)) void T##_row_fast(                 
             for (int i = 0; i < nr; i++) {                                                           \
                 const __m256i p = dot32_u8i8(u, ld256((const uint8_t *)(xq[i] + 32 * kb)));          \
                 const float d = xd[i][kb];                                                           \
-                const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[1] * d), _mm_set1_ps(s[0] * d));     \
-                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[i]);                         \
-                macc[i] += m0 * xs[i][2 * kb] + m1 * xs[i][2 * kb + 1];                              \
+                if (HALVES_SAME) {   /* one scale for the 32 values: no per-half vector */           \
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[0] * d), acc[i]); \
+                    macc[i] += m0 * (xs[i][2 * kb] + xs[i][2 * kb + 1]);                             \
+                } else {                                                                             \
+                    const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[1] * d), _mm_set1_ps(s[0] * d)); \
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[i]);                     \
+                    macc[i] += m0 * xs[i][2 * kb] + m1 * xs[i][2 * kb + 1];                          \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
     for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]) + macc[i];                                   \
 }
 
-#define DEFINE_AVX2_KERNELS(T, QK, BYTES, BIAS)                                                     \
-AVX2_ROW_BODIES(T, QK, BYTES, BIAS)                                                                  \
+#define DEFINE_AVX2_KERNELS(T, QK, BYTES, BIAS, HALVES_SAME)                                        \
+AVX2_ROW_BODIES(T, QK, BYTES, BIAS, HALVES_SAME)                                                     \
 static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) {                     \
     float s[2], m[2]; __m256 v[4];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
@@ -427,10 +432,13 @@ static inline void T##_exact_one_row(const uint8_t *row, int64_t nb, int64_t K, 
         T##_row_exact(row, nb, xr, 4, res);                                                          \
         for (int i = 0; i < 4; i++) out[(n + i) * ldo + r] = res[i];                                 \
     }                                                                                                \
-    for (; n < N; n++) {                                                                             \
-        const float *xr[1] = {x + n * K};                                                            \
-        T##_row_exact(row, nb, xr, 1, res);                                                          \
-        out[n * ldo + r] = res[0];                                                                   \
+    const int64_t rem = N - n;   /* 1-3 rows left: one more pass, the chunks decoded once */        \
+    if (rem) {                                                                                       \
+        const float *xr[4] = {x + n * K, x + (n + (rem > 1)) * K, x + (n + 2 * (rem > 2)) * K, x};   \
+        if (rem == 1) T##_row_exact(row, nb, xr, 1, res);                                            \
+        else if (rem == 2) T##_row_exact(row, nb, xr, 2, res);                                       \
+        else T##_row_exact(row, nb, xr, 3, res);                                                     \
+        for (int64_t i = 0; i < rem; i++) out[(n + i) * ldo + r] = res[i];                           \
     }                                                                                                \
 }                                                                                                    \
 static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
@@ -470,25 +478,31 @@ static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K,
             T##_row_fast(row, nb, q, d, s, 4, res);                                                  \
             for (int i = 0; i < 4; i++) out[(n + i) * M + r] = res[i];                               \
         }                                                                                            \
-        for (; n < N; n++) {                                                                         \
-            const int8_t *q[1] = {xq + n * K};                                                       \
-            const float *d[1] = {xd + n * (K / 32)}, *s[1] = {xs16 + n * (K / 16)};                  \
-            T##_row_fast(row, nb, q, d, s, 1, res);                                                  \
-            out[n * M + r] = res[0];                                                                 \
+        const int64_t rem = N - n;                                                                   \
+        if (rem) {                                                                                   \
+            const int8_t *q[4]; const float *d[4], *s[4];                                            \
+            for (int64_t i = 0; i < 4; i++) {                                                        \
+                const int64_t j = n + (i < rem ? i : 0);                                             \
+                q[i] = xq + j * K; d[i] = xd + j * (K / 32); s[i] = xs16 + j * (K / 16);             \
+            }                                                                                        \
+            if (rem == 1) T##_row_fast(row, nb, q, d, s, 1, res);                                    \
+            else if (rem == 2) T##_row_fast(row, nb, q, d, s, 2, res);                               \
+            else T##_row_fast(row, nb, q, d, s, 3, res);                                             \
+            for (int64_t i = 0; i < rem; i++) out[(n + i) * M + r] = res[i];                         \
         }                                                                                            \
     }                                                                                                \
 }
 
-DEFINE_AVX2_KERNELS(q4_0, 32, 18, 8)
-DEFINE_AVX2_KERNELS(q4_1, 32, 20, 0)
-DEFINE_AVX2_KERNELS(q5_0, 32, 22, 16)
-DEFINE_AVX2_KERNELS(q5_1, 32, 24, 0)
-DEFINE_AVX2_KERNELS(q8_0, 32, 34, 128)
-DEFINE_AVX2_KERNELS(q2_k, 256, 84, 0)
-DEFINE_AVX2_KERNELS(q3_k, 256, 110, 4)
-DEFINE_AVX2_KERNELS(q4_k, 256, 144, 0)
-DEFINE_AVX2_KERNELS(q5_k, 256, 176, 0)
-DEFINE_AVX2_KERNELS(q6_k, 256, 210, 32)
+DEFINE_AVX2_KERNELS(q4_0, 32, 18, 8, 1)
+DEFINE_AVX2_KERNELS(q4_1, 32, 20, 0, 1)
+DEFINE_AVX2_KERNELS(q5_0, 32, 22, 16, 1)
+DEFINE_AVX2_KERNELS(q5_1, 32, 24, 0, 1)
+DEFINE_AVX2_KERNELS(q8_0, 32, 34, 128, 1)
+DEFINE_AVX2_KERNELS(q2_k, 256, 84, 0, 0)
+DEFINE_AVX2_KERNELS(q3_k, 256, 110, 4, 0)
+DEFINE_AVX2_KERNELS(q4_k, 256, 144, 0, 1)
+DEFINE_AVX2_KERNELS(q5_k, 256, 176, 0, 1)
+DEFINE_AVX2_KERNELS(q6_k, 256, 210, 32, 0)
 #endif
 
 /* ---- drivers, one set per type ---------------------------------------------------------------- */
