@@ -53,8 +53,12 @@ class Ctx:
         return view
 
     def weight(self, idx: int) -> quant.QWeight:
-        ts = self.spec(idx)
-        return quant.QWeight(self.raw(idx), ts.type, int(np.prod(ts.shape[:-1])), ts.shape[-1])
+        w = self.plan.weights.get(idx)
+        if w is None:
+            ts = self.spec(idx)
+            w = quant.QWeight(self.raw(idx), ts.type, math.prod(ts.shape[:-1]), ts.shape[-1])
+            self.plan.weights[idx] = w
+        return w
 
     def arg(self, idx: int) -> Any:
         if not self.stored(idx):
@@ -73,7 +77,8 @@ class Ctx:
         return v
 
     def shape(self, idx: int) -> tuple[int, ...]:
-        return self.spec(idx).shape if self.stored(idx) else tuple(self.values[idx].shape)
+        v = self.values[idx]
+        return v.shape if v is not None else self.plan.tensors[idx - self.n_in].shape
 
 
 def _check_rows(ts: TensorSpec, ids: np.ndarray) -> None:

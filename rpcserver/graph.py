@@ -84,6 +84,7 @@ class Plan:
     # value index -> the stored tensor's view into its buffer (made on first use; a buffer's
     # array lives as long as the buffer, and a freed buffer marks the plan dead)
     views: dict[int, Any] = dataclasses.field(default_factory=dict)
+    weights: dict[int, Any] = dataclasses.field(default_factory=dict)   # value index -> quant.QWeight
 
     def __post_init__(self) -> None:
         base = len(self.inputs) + len(self.tensors)

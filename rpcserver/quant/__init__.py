@@ -59,10 +59,13 @@ class QWeight:
     qtype: GGMLType
     m: int
     k: int
+    blocks: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)   # uint8 [m, row_bytes]
+    address: int = dataclasses.field(init=False, repr=False, compare=False)         # of the first byte
 
-    @property
-    def blocks(self) -> np.ndarray:
-        return self.raw.reshape(self.m, -1).view(np.uint8)
+    def __post_init__(self) -> None:
+        blocks = self.raw.reshape(self.m, -1).view(np.uint8)
+        object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "address", blocks.ctypes.data)
 
 
 set_threads = native.set_threads
@@ -93,7 +96,7 @@ def dequantize_rows(w: QWeight, r0: int, r1: int, out: np.ndarray | None = None)
         out[...] = reference.dequantize(w.raw[r0:r1], w.qtype, w.k)
         return out
     b = w.blocks
-    getattr(lib, f"{qt.kernel}_dequant_rows")(_ptr(b), b.shape[1], w.k, r0, r1, _ptr(out))
+    getattr(lib, f"{qt.kernel}_dequant_rows")(w.address, b.shape[1], w.k, r0, r1, _ptr(out))
     return out
 
 
@@ -106,7 +109,7 @@ def gather_rows(w: QWeight, ids: np.ndarray) -> np.ndarray:
         return reference.dequantize(w.raw[ids], w.qtype, w.k)
     out = np.empty((ids.shape[0], w.k), np.float32)
     b = w.blocks
-    getattr(lib, f"{qt.kernel}_gather_rows")(_ptr(b), b.shape[1], w.k, _ptr(ids), ids.shape[0], _ptr(out))
+    getattr(lib, f"{qt.kernel}_gather_rows")(w.address, b.shape[1], w.k, _ptr(ids), ids.shape[0], _ptr(out))
     return out
 
 
@@ -122,7 +125,7 @@ def matmul_many(x: np.ndarray, ws: list[QWeight], mode: str = "exact") -> list[n
     n, k = x.shape[0], ws[0].k
     blocks = [w.blocks for w in ws]
     outs = [np.empty((n, w.m), np.float32) for w in ws]
-    raws = (ctypes.c_void_p * len(ws))(*(_ptr(b) for b in blocks))
+    raws = (ctypes.c_void_p * len(ws))(*(w.address for w in ws))
     ms = (ctypes.c_int64 * len(ws))(*(w.m for w in ws))
     ptrs = (ctypes.c_void_p * len(ws))(*(_ptr(o) for o in outs))
     getattr(lib, f"{qt.kernel}_gemv_exact_multi")(len(ws), raws, ms, blocks[0].shape[1], k, _ptr(x), n, ptrs)
@@ -149,13 +152,13 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         # tiles from the shapes alone (never the thread count: BLAS's sums may depend on a tile's
         # size, and a node must compute the same bits whatever its --threads); >= 4 tiles a matrix
         rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // 4) + 15 & ~15))
-        if getattr(lib, f"{qt.kernel}_gemm")(_ptr(b), b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
+        if getattr(lib, f"{qt.kernel}_gemm")(w.address, b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
             return out
         tile = _buf("tile", min(rows, w.m) * w.k, np.float32)   # no BLAS handle: tiles from here
         for r0 in range(0, w.m, rows):
             r1 = min(w.m, r0 + rows)
             t = tile[:(r1 - r0) * w.k].reshape(r1 - r0, w.k)
-            getattr(lib, f"{qt.kernel}_dequant_rows")(_ptr(b), b.shape[1], w.k, r0, r1, _ptr(t))
+            getattr(lib, f"{qt.kernel}_dequant_rows")(w.address, b.shape[1], w.k, r0, r1, _ptr(t))
             out[:, r0:r1] = x @ t.T   # (numpy's matmul into a strided out= skips BLAS)
         return out
     if mode == "fast" and qt.has_fast:
@@ -163,8 +166,8 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         xd = _buf("xd", n * (w.k // 32), np.float32)
         xs = _buf("xs", n * (w.k // 16), np.float32)
         lib.quantize_q8(_ptr(x), n, w.k, _ptr(xq), _ptr(xd), _ptr(xs))
-        getattr(lib, f"{qt.kernel}_gemv_fast")(_ptr(b), b.shape[1], w.k, w.m, _ptr(xq), _ptr(xd), _ptr(xs), n, _ptr(out))
+        getattr(lib, f"{qt.kernel}_gemv_fast")(w.address, b.shape[1], w.k, w.m, _ptr(xq), _ptr(xd), _ptr(xs), n, _ptr(out))
     else:
-        getattr(lib, f"{qt.kernel}_gemv_exact")(_ptr(b), b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out))
+        getattr(lib, f"{qt.kernel}_gemv_exact")(w.address, b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out))
     return out
 
