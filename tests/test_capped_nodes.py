@@ -85,3 +85,21 @@ def test_q4_0_model_runs_on_nodes_capped_below_float32_copies(tmp_path):
                 m.close()
         for n in nodes:
             n.stop()
+
+
+def test_smollm2_node_accounts_its_file_size(model_path):
+    """A node holding SmolLM2 accounts for its weights within 1.15x of the file's tensor bytes."""
+    import gguf
+    from llamarpc.rpcserver.node import Node
+
+    file_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(model_path)).tensors)
+    node = Node("cpu", capacity=1 << 30)
+    model = load_model(str(model_path), [LocalBackend(node=node)], n_ctx=256)
+    try:
+        Generator(model).eval(list(range(10, 30)))   # after compute too: nothing is made on first use
+        (stage,) = model.pipeline.stages
+        weights = node.memory.used - stage.kv_bytes
+        assert weights <= 1.15 * file_bytes, (weights, file_bytes)
+        assert weights >= file_bytes   # every tensor is there (alignment padding aside)
+    finally:
+        model.close()

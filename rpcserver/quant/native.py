@@ -64,6 +64,19 @@ def _compiler() -> str | None:
     return None
 
 
+KEEP_BUILDS = 4   # builds kept per cache directory (other versions or CPUs sharing it), newest first
+
+
+def _prune(d: Path, keep: int) -> None:
+    """Drop all but the `keep` newest builds (a build another process has loaded stays mapped)."""
+    try:
+        builds = sorted(d.glob("llamarpc_quant_*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in builds[keep:]:
+            old.unlink()
+    except OSError:
+        pass
+
+
 def _build(cc: str) -> Path:
     src = b"".join(p.read_bytes() for p in SOURCES if p.exists())
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -71,6 +84,10 @@ def _build(cc: str) -> Path:
     for d in _cache_dirs():
         lib = d / f"llamarpc_quant_{key}.so"
         if lib.exists():
+            try:
+                os.utime(lib)   # most recently used: kept by _prune
+            except OSError:
+                pass
             return lib
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -88,6 +105,7 @@ def _build(cc: str) -> Path:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         log.info("compiled the quantized kernels into %s", lib)
+        _prune(d, keep=KEEP_BUILDS)
         return lib
     raise RuntimeError("no writable directory for the compiled kernels")
 
