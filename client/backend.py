@@ -50,6 +50,11 @@ class Backend(abc.ABC):
     def get_memory(self) -> tuple[int, int]:
         """(free, total) bytes."""
 
+    def map_buffer(self, data: np.ndarray) -> int | None:
+        """A read-only buffer over bytes this process already holds (a memory-mapped GGUF), with
+        no copy; None where the backend cannot (a remote node: the bytes must travel)."""
+        return None
+
     @abc.abstractmethod
     def alloc_buffer(self, size: int) -> int: ...
 

@@ -30,6 +30,9 @@ class LocalBackend(Backend):
     def get_memory(self) -> tuple[int, int]:
         return self.node.get_memory()
 
+    def map_buffer(self, data: np.ndarray) -> int | None:
+        return self.node.map_buffer(self._session, data)
+
     def alloc_buffer(self, size: int) -> int:
         return self.node.alloc_buffer(self._session, size)
 

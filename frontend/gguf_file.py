@@ -53,6 +53,7 @@ class TensorInfo:
     type: GGMLQuantizationType
     shape: tuple[int, ...]     # row-major (numpy) order: GGUF's ne reversed
     data: np.ndarray           # uint8 view of the tensor's bytes in the mapped file
+    file_offset: int = 0       # where those bytes start in the file
 
     @property
     def nbytes(self) -> int:
@@ -187,7 +188,7 @@ class GGUFFile:
                 raise _Truncated(f"tensor {name!r} needs bytes up to {begin + nbytes}, the file has {len(buf)}")
             if name in self.tensors:
                 raise ValueError(f"tensor {name!r} appears twice")
-            self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(ne)), self._map[begin:begin + nbytes])
+            self.tensors[name] = TensorInfo(name, qtype, tuple(reversed(ne)), self._map[begin:begin + nbytes], begin)
 
     @property
     def architecture(self) -> str:
@@ -237,6 +238,10 @@ class GGUFFile:
             os.replace(tmp, path)
         except OSError:
             log.debug("could not save tensor digests to %s", path, exc_info=True)
+
+    def span(self, begin: int, end: int) -> np.ndarray:
+        """Bytes [begin, end) of the mapped file (read-only)."""
+        return self._map[begin:end]
 
     def tensor(self, name: str) -> TensorInfo:
         t = self.tensors.get(name)

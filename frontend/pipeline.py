@@ -95,20 +95,43 @@ class Pipeline:
         item = 4 if self.kv_type == GGMLType.F32 else 2
         return 2 * n_layers * self.n_ctx * self.args.kv_dim * item  # type: ignore[attr-defined]
 
+    def _map_in_place(self, stage: Stage, align: int) -> dict[str, int] | None:
+        """An in-process node reads the stage's tensors straight from the file's memory map when
+        they fill one aligned span of it (one stage holding the model): no copy, offsets as in
+        the file. Elsewhere (a remote node, a partial stage) None: the bytes are sent."""
+        tensors = [self.gguf.tensor(n) for n in stage.names]
+        lo = min(t.file_offset for t in tensors)
+        hi = max(t.file_offset + t.nbytes for t in tensors)
+        if lo % align or any((t.file_offset - lo) % align for t in tensors):
+            return None
+        if sum(t.nbytes for t in tensors) < 0.98 * (hi - lo):   # would hold bytes nobody uses
+            return None
+        bid = stage.backend.map_buffer(self.gguf.span(lo, hi))
+        if bid is None:
+            return None
+        stage.weights_buffer, stage.weight_bytes = bid, hi - lo
+        return {t.name: t.file_offset - lo for t in tensors}
+
     def _setup(self, stage: Stage, progress: Callable[[int], None] | None = None) -> None:
         b = stage.backend
         align = b.hello().alignment
-        offsets: dict[str, int] = {}
-        size = 0
-        for n in stage.names:
-            offsets[n] = size
-            size = _align(size + self.gguf.tensor(n).nbytes, align)
-        stage.weight_bytes = size
-        stage.weights_buffer = b.alloc_buffer(size)
         tensors = [self.gguf.tensor(n) for n in stage.names]
-        stage.bytes_sent += b.set_tensors([(stage.weights_buffer, offsets[t.name], t.data) for t in tensors],
-                                          cache=True, progress=progress,
-                                          digests=[self.gguf.digest(t.name) for t in tensors])
+        mapped = self._map_in_place(stage, align)
+        if mapped is not None:
+            offsets = mapped
+            if progress:
+                progress(sum(t.nbytes for t in tensors))
+        else:
+            offsets = {}
+            size = 0
+            for n in stage.names:
+                offsets[n] = size
+                size = _align(size + self.gguf.tensor(n).nbytes, align)
+            stage.weight_bytes = size
+            stage.weights_buffer = b.alloc_buffer(size)
+            stage.bytes_sent += b.set_tensors([(stage.weights_buffer, offsets[t.name], t.data) for t in tensors],
+                                              cache=True, progress=progress,
+                                              digests=[self.gguf.digest(t.name) for t in tensors])
         refs = {t.name: TensorRef(stage.weights_buffer, offsets[t.name], t.type, t.shape) for t in tensors}
         kv_dim = self.args.kv_dim  # type: ignore[attr-defined]
         per = _align(self._kv_bytes(1) // 2, align)

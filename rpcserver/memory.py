@@ -90,6 +90,28 @@ class Memory:
             self._buffers[bid] = (session, buf)
         return buf
 
+    def adopt(self, session: str, data: np.ndarray) -> Buffer:
+        """A buffer over existing host bytes (an in-process node's view of a memory-mapped file):
+        accounted like any buffer, read-only (a write is INVALID_ARGUMENT)."""
+        if not self.device.is_cpu:
+            raise InvalidArgument("only a CPU node can use host bytes in place")
+        view = data.reshape(-1).view(np.uint8)
+        size = int(view.size)
+        if size <= 0:
+            raise InvalidArgument("buffer size must be positive")
+        if view.flags.writeable:
+            view = view.view()
+            view.flags.writeable = False
+        with self._lock:
+            if size > self.capacity - self.used:
+                raise ResourceExhausted(f"cannot allocate {size} bytes: {self.capacity - self.used} free of {self.capacity}")
+            self._used += size
+            bid = self._next_id
+            self._next_id += 1
+            buf = Buffer(bid, size, view)
+            self._buffers[bid] = (session, buf)
+        return buf
+
     def get(self, session: str, buffer_id: int) -> Buffer:
         entry = self._buffers.get(buffer_id)
         if entry is None or entry[0] != session:
@@ -112,6 +134,7 @@ class Memory:
         buf = self.get(session, buffer_id)
         src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
         buf.check_range(offset, src.size, "write")
+        _writable(buf)
         buf.data[offset:offset + src.size] = self.device.to_device(src)
         buf.touched(offset, src.size)
 
@@ -127,6 +150,7 @@ class Memory:
         if not 0 <= value <= 255:
             raise InvalidArgument(f"clear value must be a byte (0..255), got {value}")
         buf = self.get(session, buffer_id)
+        _writable(buf)
         buf.data[...] = value
         buf.touched(0, buf.size)
 
@@ -135,6 +159,7 @@ class Memory:
         dst = self.get(session, dst_id)
         src.check_range(src_off, size, "copy source")
         dst.check_range(dst_off, size, "copy destination")
+        _writable(dst)
         dst.data[dst_off:dst_off + size] = src.data[src_off:src_off + size].copy()
         dst.touched(dst_off, size)
         digest = src.digest_at(src_off, size)
@@ -156,6 +181,11 @@ class Memory:
         if dtype is not None:
             return buf, raw.view(dtype).reshape(shape)
         return buf, raw.reshape(tuple(shape[:-1]) + (nbytes // max(1, _rows(shape)),))
+
+
+def _writable(buf: Buffer) -> None:
+    if buf.data is not None and not buf.data.flags.writeable:
+        raise InvalidArgument(f"buffer {buf.id} maps a file read-only: it cannot be written")
 
 
 def _rows(shape: tuple[int, ...]) -> int:

@@ -101,6 +101,11 @@ class Node:
         self.check_session(session)
         return self.memory.alloc(session, size).id
 
+    def map_buffer(self, session: str, data: np.ndarray) -> int:
+        """In process only (never over the network): a read-only buffer over `data` itself."""
+        self.check_session(session)
+        return self.memory.adopt(session, data).id
+
     def free_buffer(self, session: str, buffer_id: int) -> None:
         self.check_session(session)
         with self._lock:
@@ -131,6 +136,8 @@ class Node:
         with self._lock:
             buf = self.memory.get(session, buffer_id)
             buf.check_range(offset, size, "set_tensor_from_cache")
+            if buf.data is not None and not buf.data.flags.writeable:
+                raise InvalidArgument(f"buffer {buffer_id} maps a file read-only: it cannot be written")
             if self.device.is_cpu:
                 ok = size > 0 and cache.read_into(sha256, buf.data[offset:offset + size])
             else:

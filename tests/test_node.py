@@ -201,3 +201,29 @@ def test_device_specs():
     except ImportError:
         with pytest.raises(ValueError, match="needs cupy"):
             open_device("cuda:0")
+
+
+def test_in_process_node_reads_the_file_map_in_place(tmp_path):
+    """One in-process stage uses the GGUF's memory map as its weights buffer: nothing is copied or
+    sent, the node accounts the file's bytes, and that buffer refuses writes."""
+    from llamarpc.frontend.model import load_model
+    from synth import write_model
+
+    m = write_model(tmp_path / "m.gguf", qtype=T.Q4_0)
+    node = Node("cpu", capacity=1 << 28)
+    model = load_model(str(m.path), [LocalBackend(node=node)], n_ctx=64)
+    try:
+        (stage,) = model.pipeline.stages
+        assert model.pipeline.bytes_sent == 0
+        session = next(iter(node._sessions))
+        buf = node.memory.get(session, stage.weights_buffer)
+        assert np.shares_memory(buf.data, model.gguf.span(0, m.path.stat().st_size))
+        assert node.memory.used == stage.weight_bytes + stage.kv_bytes
+        total = sum(t.nbytes for t in model.gguf.tensors.values())
+        assert total <= stage.weight_bytes <= 1.15 * total
+        with pytest.raises(InvalidArgument, match="read-only"):
+            node.set_tensor(session, stage.weights_buffer, 0, b"\0" * 32)
+        with pytest.raises(InvalidArgument, match="read-only"):
+            node.clear_buffer(session, stage.weights_buffer)
+    finally:
+        model.close()
