@@ -26,7 +26,7 @@ TYPES = list(quant.TYPES)
 FLOATS = [T.F32, T.F16, T.BF16]
 QUANTS = [t for t in TYPES if t not in FLOATS]
 MS = [1, 7, 37]                     # odd row counts; 37 rows span two BLAS tiles on 2 threads
-NS = [1, 2, 3, 4, 5, 7, quant.GEMV_MAX_ROWS, 40]   # groups of 4 and the tails; 40 = the tile + BLAS path
+NS = [1, 2, 3, 4, 5, 7, 8, 9, quant.GEMV_MAX_ROWS, 40]   # groups of 4 and the tails; 40 = the tile + BLAS path
 ROUND = 4.0
 U = 2.0 ** -24                      # float32 unit roundoff
 SEED = 1234

@@ -345,7 +345,8 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
 
 #if defined(__AVX512F__)
 #define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
+    __m512 acc[8];                                                                                   \
+    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();                                       \
     float s[2], m[2]; __m512 w[2];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
         for (int c = 0; c < QK / 32; c++) {                                                          \
@@ -359,7 +360,8 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
     for (int i = 0; i < nr; i++) res[i] = _mm512_reduce_add_ps(acc[i]);
 #else
 #define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+    __m256 acc[8];                                                                                   \
+    for (int i = 0; i < nr; i++) acc[i] = _mm256_setzero_ps();                                       \
     float s[2], m[2]; __m256 w[4];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
         for (int c = 0; c < QK / 32; c++) {                                                          \
@@ -425,20 +427,23 @@ static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) { 
 }                                                                                                    \
 static inline void T##_exact_one_row(const uint8_t *row, int64_t nb, int64_t K, const float *x, int64_t N,  \
                                      float *out, int64_t ldo, int64_t r) {                          \
-    float res[4];                                                                                    \
-    int64_t n = 0;                                                                                   \
-    for (; n + 4 <= N; n += 4) {                                                                     \
-        const float *xr[4] = {x + n * K, x + (n + 1) * K, x + (n + 2) * K, x + (n + 3) * K};         \
-        T##_row_exact(row, nb, xr, 4, res);                                                          \
-        for (int i = 0; i < 4; i++) out[(n + i) * ldo + r] = res[i];                                 \
-    }                                                                                                \
-    const int64_t rem = N - n;   /* 1-3 rows left: one more pass, the chunks decoded once */        \
-    if (rem) {                                                                                       \
-        const float *xr[4] = {x + n * K, x + (n + (rem > 1)) * K, x + (n + 2 * (rem > 2)) * K, x};   \
-        if (rem == 1) T##_row_exact(row, nb, xr, 1, res);                                            \
-        else if (rem == 2) T##_row_exact(row, nb, xr, 2, res);                                       \
-        else T##_row_exact(row, nb, xr, 3, res);                                                     \
-        for (int64_t i = 0; i < rem; i++) out[(n + i) * ldo + r] = res[i];                           \
+    /* up to 8 activation rows per pass over the weight row: each chunk is decoded once for them */  \
+    float res[8];                                                                                    \
+    for (int64_t n = 0; n < N; n += 8) {                                                             \
+        const int64_t nr = N - n < 8 ? N - n : 8;                                                    \
+        const float *xr[8];                                                                          \
+        for (int64_t i = 0; i < 8; i++) xr[i] = x + (n + (i < nr ? i : 0)) * K;                      \
+        switch (nr) {                                                                                \
+            case 1: T##_row_exact(row, nb, xr, 1, res); break;                                       \
+            case 2: T##_row_exact(row, nb, xr, 2, res); break;                                       \
+            case 3: T##_row_exact(row, nb, xr, 3, res); break;                                       \
+            case 4: T##_row_exact(row, nb, xr, 4, res); break;                                       \
+            case 5: T##_row_exact(row, nb, xr, 5, res); break;                                       \
+            case 6: T##_row_exact(row, nb, xr, 6, res); break;                                       \
+            case 7: T##_row_exact(row, nb, xr, 7, res); break;                                       \
+            default: T##_row_exact(row, nb, xr, 8, res); break;                                      \
+        }                                                                                            \
+        for (int64_t i = 0; i < nr; i++) out[(n + i) * ldo + r] = res[i];                            \
     }                                                                                                \
 }                                                                                                    \
 static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
