@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
-from synth import byte_vocab
+from synth import add_llama_hparams, byte_vocab
 
 Q4_0_BLOCK, Q4_0_BYTES = GGML_QUANT_SIZES[T.Q4_0]   # 32 weights in 18 bytes: f16 scale + 16 nibble bytes
 SCALE = 0.02 / 8
@@ -61,15 +61,8 @@ def write_big_q4_0_model(path: Path | str, *, n_layer: int, n_embd: int, n_ff: i
     kv_dim = n_head_kv * hd
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("bigmodel-q4_0")
-    w.add_block_count(n_layer)
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(hd)
+    add_llama_hparams(w, n_layer=n_layer, n_ctx=n_ctx_train, n_embd=n_embd, n_ff=n_ff, n_head=n_head,
+                      n_head_kv=n_head_kv, rot=hd)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     # SmolLM2-like: gpt2 BPE with the smollm pre-tokenizer, <|im_start|> bos, <|im_end|> eos, no bos added
     w.add_tokenizer_model("gpt2")

@@ -72,6 +72,20 @@ class SynthModel:
     n_vocab: int
 
 
+def add_llama_hparams(w: gguf.GGUFWriter, *, n_layer: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int,
+                      n_head_kv: int, rot: int, eps: float = 1e-5, rope_base: float = 10000.0) -> None:
+    """The hyper-parameter keys of a llama-style GGUF (the architecture's prefix is the writer's)."""
+    w.add_block_count(n_layer)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_rope_freq_base(rope_base)
+    w.add_rope_dimension_count(rot)
+
+
 def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 256,
                 n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, seed: int = 0, tied: bool = True,
                 skip_tensor: str | None = None) -> SynthModel:
@@ -80,15 +94,7 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
     n_vocab = len(tokens)
     hd = n_embd // n_head
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(n_layer)
-    w.add_context_length(256)
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(hd)
+    add_llama_hparams(w, n_layer=n_layer, n_ctx=256, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, rot=hd)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

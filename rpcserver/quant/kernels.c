@@ -19,9 +19,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 #define MAX_QK 256
 
@@ -36,33 +34,7 @@ int llr_num_threads(void) {
 #endif
 }
 
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            int e = -1;
-            do { man <<= 1; e++; } while (!(man & 0x400));
-            bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline float rd16(const uint8_t *p) {
-#if defined(__F16C__)
-    return _cvtsh_ss((unsigned short)(p[0] | (p[1] << 8)));
-#else
-    return f16_to_f32((uint16_t)(p[0] | (p[1] << 8)));
-#endif
-}
+static inline float rd16(const uint8_t *p) { return llr_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
 
 /* ---- per type: block -> (q, sc, mn) ---------------------------------------------------------- */
 

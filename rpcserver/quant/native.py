@@ -24,6 +24,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c"))
+HEADERS = (Path(__file__).with_name("common.h"),)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-std=c11"]
 QUANT_NAMES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
@@ -78,7 +79,7 @@ def _prune(d: Path, keep: int) -> None:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join(p.read_bytes() for p in SOURCES if p.exists())
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS if p.exists())
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256(src + ver.encode() + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     for d in _cache_dirs():
