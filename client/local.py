@@ -8,6 +8,15 @@ from llamarpc.rpcserver.node import Node
 from .backend import Backend, NodeInfo
 
 
+def set_threads(threads: int) -> None:
+    """Threads for this process's BLAS and its in-process node's compiled kernels."""
+    from llamarpc.rpcserver import quant
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    quant.set_threads(threads)
+
+
 def _as_bytes(data: np.ndarray | bytes | memoryview) -> memoryview:
     if isinstance(data, np.ndarray):
         return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))

@@ -10,10 +10,8 @@ import os
 import resource
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:   # numpy is imported only after the BLAS thread limit is set
-    from llamarpc.proto.types import GGMLType
+from .setup import kv_cache_type, make_backends, set_threads
 
 log = logging.getLogger("llamarpc")
 
@@ -69,46 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def kv_cache_type(args: argparse.Namespace) -> GGMLType:
-    """-ctk/-ctv as a GGML type; K and V share one type in this engine."""
-    from llamarpc.proto.types import GGMLType
-
-    k = args.cache_type_k
-    v = args.cache_type_v or k
-    if v != k:
-        raise ValueError(f"-ctk {k} and -ctv {v} differ; K and V share one cache type here")
-    return GGMLType.F16 if k == "f16" else GGMLType.F32
-
-
-def make_backends(args: argparse.Namespace) -> list:
-    from pathlib import Path
-
-    from llamarpc.client.remote import RemoteBackend
-
-    token = Path(args.rpc_token_file).read_text().strip() if args.rpc_token_file else None
-    ca = Path(args.rpc_tls_ca).read_bytes() if args.rpc_tls_ca else None
-    addrs = [a.strip() for a in args.rpc.split(",") if a.strip()]
-    if not addrs:
-        raise ValueError("--rpc needs at least one HOST:PORT")
-    return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
-
-
 def _piece(tok: object, tid: int | None) -> str:
     return "" if tid is None else tok.token_to_piece(tid).decode("utf-8", "replace")  # type: ignore[attr-defined]
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def set_threads(threads: int) -> None:
-    """-t N: BLAS and the in-process node's quantized kernels use N threads (0: all cores)."""
-    if threads > 0:
-        from llamarpc.rpcserver import quant
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads)
-        quant.set_threads(threads)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     set_threads(args.threads)
 
-    from llamarpc.client.local import LocalBackend
     from llamarpc.proto.errors import BackendError
 
     from .chat_template import ChatTemplateError, render_chat
@@ -135,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .sampling import Sampler, SamplingParams
 
     try:
-        backends = make_backends(args) if args.rpc else [LocalBackend(args.device, matmul_mode=args.matmul)]
+        backends = make_backends(args)
         split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
         with ProgressBar("loading weights") as bar:
             model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=bar.update,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .sampling import Cand
+    from .sampling_cand import Cand
     from .tokenizer import Tokenizer
 
 _MAX_CHAR_LEN = 40

@@ -97,16 +97,15 @@ class Server:
         self._loader = threading.Thread(target=self._load, name="llamarpc-loader", daemon=True)
 
     def _load(self) -> None:
-        from llamarpc.client.local import LocalBackend
         from llamarpc.proto.errors import BackendError
 
-        from .cli import kv_cache_type, make_backends
         from .gguf_file import ModelLoadError
         from .model import load_model
+        from .setup import kv_cache_type, make_backends
 
         args = self.args
         try:
-            backends = make_backends(args) if args.rpc else [LocalBackend(args.device, matmul_mode=args.matmul)]
+            backends = make_backends(args)
             split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
             model = load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split,
                                kv_type=kv_cache_type(args))
@@ -158,7 +157,7 @@ class Server:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .cli import set_threads
+    from .setup import set_threads
 
     set_threads(args.threads)
     try:

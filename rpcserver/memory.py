@@ -67,7 +67,8 @@ class Memory:
         return max(0, self.capacity - self._used)
 
     # -- buffers ----------------------------------------------------------------------------------
-    def alloc(self, session: str, size: int) -> Buffer:
+    def _reserve(self, session: str, size: int) -> int:
+        """Account `size` bytes for a new buffer of `session`; its id."""
         if size <= 0:
             raise InvalidArgument(f"buffer size must be positive, got {size}")
         with self._lock:
@@ -79,16 +80,22 @@ class Memory:
             self._used += size
             bid = self._next_id
             self._next_id += 1
+        return bid
+
+    def _add(self, session: str, buf: Buffer) -> Buffer:
+        with self._lock:
+            self._buffers[buf.id] = (session, buf)
+        return buf
+
+    def alloc(self, session: str, size: int) -> Buffer:
+        bid = self._reserve(session, size)
         try:
             data = self.device.lib.zeros(size, dtype=np.uint8)
         except MemoryError:
             with self._lock:
                 self._used -= size
             raise ResourceExhausted(f"the device could not allocate {size} bytes") from None
-        buf = Buffer(bid, size, data)
-        with self._lock:
-            self._buffers[bid] = (session, buf)
-        return buf
+        return self._add(session, Buffer(bid, size, data))
 
     def adopt(self, session: str, data: np.ndarray) -> Buffer:
         """A buffer over existing host bytes (an in-process node's view of a memory-mapped file):
@@ -96,21 +103,10 @@ class Memory:
         if not self.device.is_cpu:
             raise InvalidArgument("only a CPU node can use host bytes in place")
         view = data.reshape(-1).view(np.uint8)
-        size = int(view.size)
-        if size <= 0:
-            raise InvalidArgument("buffer size must be positive")
         if view.flags.writeable:
             view = view.view()
             view.flags.writeable = False
-        with self._lock:
-            if size > self.capacity - self.used:
-                raise ResourceExhausted(f"cannot allocate {size} bytes: {self.capacity - self.used} free of {self.capacity}")
-            self._used += size
-            bid = self._next_id
-            self._next_id += 1
-            buf = Buffer(bid, size, view)
-            self._buffers[bid] = (session, buf)
-        return buf
+        return self._add(session, Buffer(self._reserve(session, int(view.size)), int(view.size), view))
 
     def get(self, session: str, buffer_id: int) -> Buffer:
         entry = self._buffers.get(buffer_id)

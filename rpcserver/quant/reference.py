@@ -44,9 +44,8 @@ def quantize_q8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     b = x.reshape(n, k // 32, 32)
     d = (np.abs(b).max(axis=-1) / np.float32(127)).astype(np.float32)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-    q = np.round(b * inv[..., None])   # C roundf: halves away from zero; numpy rounds them to even
-    half = np.abs(b * inv[..., None] - np.trunc(b * inv[..., None])) == 0.5
-    q = np.where(half, np.trunc(b * inv[..., None]) + np.sign(b), q)
+    v = (b * inv[..., None]).astype(np.float64)   # halves away from zero, as C's roundf (exact in f64)
+    q = np.trunc(v + np.copysign(0.5, v))
     return q.astype(np.int8).reshape(n, k), d
 
 

@@ -1,0 +1,45 @@
+"""What the one-shot CLI and the server both set up from the parsed flags: threads, backends, the
+KV cache type. A leaf: cli -> server -> setup, and cli -> setup."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # numpy (under proto.types) is imported only after the BLAS thread limit is set
+    from llamarpc.proto.types import GGMLType
+
+
+def set_threads(threads: int) -> None:
+    """-t N: BLAS and the in-process node's kernels use N threads (0: all cores)."""
+    if threads > 0:
+        from llamarpc.client.local import set_threads as set_local_threads
+
+        set_local_threads(threads)
+
+
+def kv_cache_type(args: argparse.Namespace) -> GGMLType:
+    """-ctk/-ctv as a GGML type; K and V share one type in this engine."""
+    from llamarpc.proto.types import GGMLType
+
+    k = args.cache_type_k
+    v = args.cache_type_v or k
+    if v != k:
+        raise ValueError(f"-ctk {k} and -ctv {v} differ; K and V share one cache type here")
+    return GGMLType.F16 if k == "f16" else GGMLType.F32
+
+
+def make_backends(args: argparse.Namespace) -> list:
+    """The --rpc nodes, or one in-process node (--device, --matmul) when there are none."""
+    if not args.rpc:
+        from llamarpc.client.local import LocalBackend
+
+        return [LocalBackend(args.device, matmul_mode=args.matmul)]
+    from llamarpc.client.remote import RemoteBackend
+
+    token = Path(args.rpc_token_file).read_text().strip() if args.rpc_token_file else None
+    ca = Path(args.rpc_tls_ca).read_bytes() if args.rpc_tls_ca else None
+    addrs = [a.strip() for a in args.rpc.split(",") if a.strip()]
+    if not addrs:
+        raise ValueError("--rpc needs at least one HOST:PORT")
+    return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
