@@ -19,7 +19,7 @@ from llamarpc.proto.errors import FailedPrecondition, InvalidArgument, ResourceE
 from llamarpc.proto.types import ACTIVATION_DTYPES, PLAIN_DTYPES, GGMLType
 
 from . import kernels as K
-from . import quant
+from . import program, quant
 from .graph import MAX_POOL_WORK, MAX_SYMBOL_VALUE, MIN_SCRATCH, SCRATCH_FACTOR, OpSpec, Plan, TensorSpec
 from .memory import Memory
 from .quant import ops as cpu_ops
@@ -239,15 +239,32 @@ def step_bytes(c: Ctx, step: Any) -> tuple[int, int]:
     return FUSED_BYTES[step.kind](c, step)
 
 
+_MISSING = object()
+
+
 def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarray],
             mode: str = "exact") -> dict[str, np.ndarray]:
     if not plan.alive:
         raise FailedPrecondition("the graph references a buffer that was freed; register it again")
     dev = memory.device
     host_inputs = bind_inputs(plan, given)
+    limit = max(SCRATCH_FACTOR * memory.capacity, MIN_SCRATCH)
+    shapes: dict[int, tuple] | None = None
+    sig = None
+    if dev.is_cpu and mode != "reference" and program.ENABLED:
+        sig = program.signature(plan, host_inputs, mode)
+        prog = plan.programs.get(sig, _MISSING)
+        if prog is _MISSING:
+            shapes = {i: (a.shape, a.dtype) for i, a in enumerate(host_inputs)}   # recorded: see below
+        elif prog is not None and prog.lock.acquire(blocking=False):   # (busy: this Compute goes step by step)
+            try:
+                out = prog.run(plan, lambda values: Ctx(plan, memory, session, mode, values), host_inputs, limit)
+            finally:
+                prog.lock.release()
+            if out is not None:
+                return out
     values: list[Any] = [dev.to_device(a) for a in host_inputs] + [None] * (len(plan.tensors) + len(plan.ops))
     c = Ctx(plan, memory, session, mode, values)
-    limit = max(SCRATCH_FACTOR * memory.capacity, MIN_SCRATCH)
     scratch = 0
     step = plan.steps[0]
     try:
@@ -264,6 +281,9 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
             else:
                 for v, o in zip(step.outs, out):
                     values[v] = o
+            if shapes is not None:
+                for v in step.outs:
+                    shapes[v] = (values[v].shape, values[v].dtype)
             for v in release:   # intermediates live only until their last reader
                 scratch -= 4 * math.prod(values[v].shape)
                 values[v] = None
@@ -273,4 +293,8 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
     for name, idx in plan.outputs:
         v = c.arg(idx)
         result[name] = np.ascontiguousarray(dev.to_host(v), dtype=np.float32 if v.dtype != np.int32 else np.int32)
+    if shapes is not None and sig is not None:   # the first Compute of this signature: compile it
+        while len(plan.programs) >= program.MAX_PROGRAMS:
+            plan.programs.pop(next(iter(plan.programs)))
+        plan.programs[sig] = program.build(plan, c.raw, c.weight, shapes, mode, limit)
     return result

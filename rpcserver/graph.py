@@ -85,6 +85,11 @@ class Plan:
     # array lives as long as the buffer, and a freed buffer marks the plan dead)
     views: dict[int, Any] = dataclasses.field(default_factory=dict)
     weights: dict[int, Any] = dataclasses.field(default_factory=dict)   # value index -> quant.QWeight
+    # signature -> its program.Program (None: none pays for it); see program.py
+    programs: dict[tuple, Any] = dataclasses.field(default_factory=dict)
+    # inputs read only as an attention's visible cells (kv_pos, kv_seq): their length may change
+    # from Compute to Compute without changing any other shape
+    dynamic: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         base = len(self.inputs) + len(self.tensors)
@@ -106,6 +111,14 @@ class Plan:
                 rel[j].append(v)
         self.steps = steps
         self.release = [tuple(r) for r in rel]
+        self.programs = {}
+        readers: dict[int, list[tuple[Step, int]]] = {}
+        for st in steps:
+            for pos, a in enumerate(st.args):
+                readers.setdefault(a, []).append((st, pos))
+        self.dynamic = frozenset(
+            i for i in range(len(self.inputs))
+            if readers.get(i) and all(st.kind == pb.ATTENTION and pos in (8, 9) for st, pos in readers[i]))
 
 
 def _name(s: str, what: str) -> str:

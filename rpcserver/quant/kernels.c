@@ -315,35 +315,50 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
 #endif
 }
 
+/* The exact body: R weight rows (stride row_bytes) by nr activation rows, res[r * 8 + i]. Each
+ * (weight row, activation row) pair has two accumulators, for values 0-15 and 16-31 of a chunk:
+ * two independent FMA chains. A row's sums are in the same order whatever R and nr are, so a
+ * result never depends on which rows were computed together. */
 #if defined(__AVX512F__)
 #define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
-    __m512 acc[8];                                                                                   \
-    for (int i = 0; i < nr; i++) acc[i] = _mm512_setzero_ps();                                       \
+    __m512 acc[4][8], acc2[4][8];                                                                    \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) acc[r][i] = acc2[r][i] = _mm512_setzero_ps();                   \
     float s[2], m[2]; __m512 w[2];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
         for (int c = 0; c < QK / 32; c++) {                                                          \
-            chunk_floats16(T##_chunk(row + b * BYTES, c, s, m), s, m, w);                            \
             const int64_t k = b * QK + c * 32;                                                       \
-            for (int i = 0; i < nr; i++) {                                                           \
-                acc[i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr[i] + k), acc[i]);                  \
-                acc[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr[i] + k + 16), acc[i]);             \
+            for (int r = 0; r < R; r++) {                                                            \
+                chunk_floats16(T##_chunk(row + r * row_bytes + b * BYTES, c, s, m), s, m, w);        \
+                for (int i = 0; i < nr; i++) {                                                       \
+                    acc[r][i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr[i] + k), acc[r][i]);        \
+                    acc2[r][i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr[i] + k + 16), acc2[r][i]); \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-    for (int i = 0; i < nr; i++) res[i] = _mm512_reduce_add_ps(acc[i]);
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) res[r * 8 + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i], acc2[r][i]));
 #else
 #define ROW_EXACT_BODY(T, QK, BYTES)                                                                \
-    __m256 acc[8];                                                                                   \
-    for (int i = 0; i < nr; i++) acc[i] = _mm256_setzero_ps();                                       \
+    __m256 acc[4][8], acc2[4][8];                                                                    \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) acc[r][i] = acc2[r][i] = _mm256_setzero_ps();                   \
     float s[2], m[2]; __m256 w[4];                                                                   \
     for (int64_t b = 0; b < nb; b++)                                                                 \
         for (int c = 0; c < QK / 32; c++) {                                                          \
-            chunk_floats(T##_chunk(row + b * BYTES, c, s, m), s, m, w);                              \
             const int64_t k = b * QK + c * 32;                                                       \
-            for (int i = 0; i < nr; i++)                                                             \
-                for (int j = 0; j < 4; j++)                                                          \
-                    acc[i] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr[i] + k + 8 * j), acc[i]);      \
+            for (int r = 0; r < R; r++) {                                                            \
+                chunk_floats(T##_chunk(row + r * row_bytes + b * BYTES, c, s, m), s, m, w);          \
+                for (int i = 0; i < nr; i++) {                                                       \
+                    acc[r][i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr[i] + k), acc[r][i]);        \
+                    acc2[r][i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr[i] + k + 16), acc2[r][i]); \
+                    acc[r][i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr[i] + k + 8), acc[r][i]);    \
+                    acc2[r][i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr[i] + k + 24), acc2[r][i]); \
+                }                                                                                    \
+            }                                                                                        \
         }                                                                                            \
-    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]);
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) res[r * 8 + i] = hsum8(_mm256_add_ps(acc[r][i], acc2[r][i]));
 #endif
 
 /* below this many multiply-adds a matmul stays on the calling thread (measured: a 192x576 matvec
@@ -354,36 +369,79 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
  * so the compiler keeps the accumulators in registers). */
 #define AVX2_ROW_BODIES(T, QK, BYTES, BIAS, HALVES_SAME)                                            \
 static inline __attribute__((always_inline)) void T##_row_exact(                                    \
-        const uint8_t *row, int64_t nb, const float *const *xr, const int nr, float *res) {          \
+        const uint8_t *row, int64_t row_bytes, int64_t nb, const float *const *xr, const int nr,     \
+        const int R, float *res) {                                                                   \
     ROW_EXACT_BODY(T, QK, BYTES)                                                                     \
 }                                                                                                    \
 static inline __attribute__((always_inline)) void T##_row_fast(                                     \
         const uint8_t *row, int64_t nb, const int8_t *const *xq, const float *const *xd,             \
         const float *const *xs, const int nr, float *res) {                                          \
     /* u = q + BIAS >= 0 is what the byte dot takes; the bias moves into the offsets: */            \
-    /* w = s*u + (m - s*BIAS), and the offset term needs only each half's activation sum */          \
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
-    float macc[4] = {0.0f, 0.0f, 0.0f, 0.0f};                                                        \
-    float s[2], m[2];                                                                                \
-    for (int64_t b = 0; b < nb; b++)                                                                 \
-        for (int c = 0; c < QK / 32; c++) {                                                          \
-            const __m256i u = _mm256_add_epi8(T##_chunk(row + b * BYTES, c, s, m), _mm256_set1_epi8((char)BIAS)); \
+    /* w = s*u + (m - s*BIAS), and the offset term needs only each half's activation sum. */         \
+    /* Even and odd chunks go to separate accumulators: two independent FMA chains a row. */        \
+    __m256 acc[2][4];                                                                                \
+    float macc[2][4];                                                                                \
+    for (int e = 0; e < 2; e++)                                                                      \
+        for (int i = 0; i < 4; i++) { acc[e][i] = _mm256_setzero_ps(); macc[e][i] = 0.0f; }          \
+    const int64_t nkb = nb * (QK / 32);                                                              \
+    for (int64_t kb0 = 0; kb0 < nkb; kb0 += 2)                                                       \
+        for (int e = 0; e < 2 && kb0 + e < nkb; e++) {                                               \
+            const int64_t kb = kb0 + e;                                                              \
+            float s[2], m[2];                                                                        \
+            const __m256i u = _mm256_add_epi8(T##_chunk(row + (kb / (QK / 32)) * BYTES, (int)(kb % (QK / 32)), s, m), \
+                                              _mm256_set1_epi8((char)BIAS));                         \
             const float m0 = m[0] - s[0] * (float)BIAS, m1 = m[1] - s[1] * (float)BIAS;              \
-            const int64_t kb = b * (QK / 32) + c;                                                    \
             for (int i = 0; i < nr; i++) {                                                           \
                 const __m256i p = dot32_u8i8(u, ld256((const uint8_t *)(xq[i] + 32 * kb)));          \
                 const float d = xd[i][kb];                                                           \
                 if (HALVES_SAME) {   /* one scale for the 32 values: no per-half vector */           \
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[0] * d), acc[i]); \
-                    macc[i] += m0 * (xs[i][2 * kb] + xs[i][2 * kb + 1]);                             \
+                    acc[e][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(s[0] * d), acc[e][i]); \
+                    macc[e][i] += m0 * (xs[i][2 * kb] + xs[i][2 * kb + 1]);                          \
                 } else {                                                                             \
                     const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[1] * d), _mm_set1_ps(s[0] * d)); \
-                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[i]);                     \
-                    macc[i] += m0 * xs[i][2 * kb] + m1 * xs[i][2 * kb + 1];                          \
+                    acc[e][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sv, acc[e][i]);               \
+                    macc[e][i] += m0 * xs[i][2 * kb] + m1 * xs[i][2 * kb + 1];                       \
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-    for (int i = 0; i < nr; i++) res[i] = hsum8(acc[i]) + macc[i];                                   \
+    for (int i = 0; i < nr; i++) res[i] = hsum8(_mm256_add_ps(acc[0][i], acc[1][i])) + (macc[0][i] + macc[1][i]); \
+}
+
+#define EXACT_GROUP 16
+/* rows [r0, r1) of one weight by all N activation rows: up to 8 activation rows per pass, and for
+ * 1-4 of them 4 or 2 weight rows at once (a short row's fixed costs shared, each x load reused) */
+#define T_EXACT_RANGE(T, NR, RR)                                                                    \
+    do {                                                                                             \
+        int64_t r = r0;                                                                              \
+        for (; r + RR <= r1; r += RR) {                                                              \
+            T##_row_exact(raw + r * row_bytes, row_bytes, nb, xr, NR, RR, res);                      \
+            for (int rr = 0; rr < RR; rr++)                                                          \
+                for (int i = 0; i < NR; i++) out[(n + i) * ldo + r + rr] = res[rr * 8 + i];          \
+        }                                                                                            \
+        for (; r < r1; r++) {                                                                        \
+            T##_row_exact(raw + r * row_bytes, row_bytes, nb, xr, NR, 1, res);                       \
+            for (int i = 0; i < NR; i++) out[(n + i) * ldo + r] = res[i];                            \
+        }                                                                                            \
+    } while (0)
+#define DEFINE_EXACT_RANGE(T)                                                                       \
+static void T##_exact_range(const uint8_t *raw, int64_t row_bytes, int64_t nb, int64_t K, const float *x, \
+                            int64_t N, float *out, int64_t ldo, int64_t r0, int64_t r1) {            \
+    float res[4 * 8];                                                                                \
+    for (int64_t n = 0; n < N; n += 8) {                                                             \
+        const int64_t nr = N - n < 8 ? N - n : 8;                                                    \
+        const float *xr[8];                                                                          \
+        for (int64_t i = 0; i < 8; i++) xr[i] = x + (n + (i < nr ? i : 0)) * K;                      \
+        switch (nr) {                                                                                \
+            case 1: T_EXACT_RANGE(T, 1, 4); break;                                                   \
+            case 2: T_EXACT_RANGE(T, 2, 4); break;                                                   \
+            case 3: T_EXACT_RANGE(T, 3, 2); break;                                                   \
+            case 4: T_EXACT_RANGE(T, 4, 2); break;                                                   \
+            case 5: T_EXACT_RANGE(T, 5, 1); break;                                                   \
+            case 6: T_EXACT_RANGE(T, 6, 1); break;                                                   \
+            case 7: T_EXACT_RANGE(T, 7, 1); break;                                                   \
+            default: T_EXACT_RANGE(T, 8, 1); break;                                                  \
+        }                                                                                            \
+    }                                                                                                \
 }
 
 #define DEFINE_AVX2_KERNELS(T, QK, BYTES, BIAS, HALVES_SAME)                                        \
@@ -397,45 +455,30 @@ static inline void T##_deq_row_avx2(const uint8_t *row, int64_t nb, float *w) { 
             for (int i = 0; i < 4; i++) _mm256_storeu_ps(o + 8 * i, v[i]);                           \
         }                                                                                            \
 }                                                                                                    \
-static inline void T##_exact_one_row(const uint8_t *row, int64_t nb, int64_t K, const float *x, int64_t N,  \
-                                     float *out, int64_t ldo, int64_t r) {                          \
-    /* up to 8 activation rows per pass over the weight row: each chunk is decoded once for them */  \
-    float res[8];                                                                                    \
-    for (int64_t n = 0; n < N; n += 8) {                                                             \
-        const int64_t nr = N - n < 8 ? N - n : 8;                                                    \
-        const float *xr[8];                                                                          \
-        for (int64_t i = 0; i < 8; i++) xr[i] = x + (n + (i < nr ? i : 0)) * K;                      \
-        switch (nr) {                                                                                \
-            case 1: T##_row_exact(row, nb, xr, 1, res); break;                                       \
-            case 2: T##_row_exact(row, nb, xr, 2, res); break;                                       \
-            case 3: T##_row_exact(row, nb, xr, 3, res); break;                                       \
-            case 4: T##_row_exact(row, nb, xr, 4, res); break;                                       \
-            case 5: T##_row_exact(row, nb, xr, 5, res); break;                                       \
-            case 6: T##_row_exact(row, nb, xr, 6, res); break;                                       \
-            case 7: T##_row_exact(row, nb, xr, 7, res); break;                                       \
-            default: T##_row_exact(row, nb, xr, 8, res); break;                                      \
-        }                                                                                            \
-        for (int64_t i = 0; i < nr; i++) out[(n + i) * ldo + r] = res[i];                            \
-    }                                                                                                \
-}                                                                                                    \
+DEFINE_EXACT_RANGE(T)                                                                                \
+/* the parallel loops hand out groups of EXACT_GROUP rows */                                         \
 static void T##_gemv_exact_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,        \
                                 const float *x, int64_t N, float *out) {                             \
-    const int64_t nb = K / QK;                                                                       \
+    const int64_t nb = K / QK, ng = (M + EXACT_GROUP - 1) / EXACT_GROUP;                             \
     _Pragma("omp parallel for schedule(static) if (M * K * N > GEMV_PAR_WORK) num_threads(llr_num_threads())") \
-    for (int64_t r = 0; r < M; r++) T##_exact_one_row(raw + r * row_bytes, nb, K, x, N, out, M, r);  \
+    for (int64_t g = 0; g < ng; g++) {                                                               \
+        const int64_t r0 = g * EXACT_GROUP, r1 = r0 + EXACT_GROUP < M ? r0 + EXACT_GROUP : M;        \
+        T##_exact_range(raw, row_bytes, nb, K, x, N, out, M, r0, r1);                                \
+    }                                                                                                \
 }                                                                                                    \
 /* several weights of this type by the same x in one parallel region (q/k/v, gate/up) */            \
 static void T##_gemv_exact_multi_avx2(int64_t nw, const uint8_t *const *raws, const int64_t *ms,     \
                                       int64_t row_bytes, int64_t K, const float *x, int64_t N,       \
                                       float *const *outs) {                                          \
     const int64_t nb = K / QK;                                                                       \
-    int64_t total = 0;                                                                               \
-    for (int64_t w = 0; w < nw; w++) total += ms[w];                                                 \
+    int64_t total = 0, ng = 0;                                                                       \
+    for (int64_t w = 0; w < nw; w++) { total += ms[w]; ng += (ms[w] + EXACT_GROUP - 1) / EXACT_GROUP; } \
     _Pragma("omp parallel for schedule(static) if (total * K * N > GEMV_PAR_WORK) num_threads(llr_num_threads())") \
-    for (int64_t g = 0; g < total; g++) {                                                            \
-        int64_t w = 0, r = g;                                                                        \
-        while (r >= ms[w]) r -= ms[w++];                                                             \
-        T##_exact_one_row(raws[w] + r * row_bytes, nb, K, x, N, outs[w], ms[w], r);                  \
+    for (int64_t g = 0; g < ng; g++) {                                                               \
+        int64_t w = 0, h = g;                                                                        \
+        while (h >= (ms[w] + EXACT_GROUP - 1) / EXACT_GROUP) h -= (ms[w++] + EXACT_GROUP - 1) / EXACT_GROUP; \
+        const int64_t r0 = h * EXACT_GROUP, r1 = r0 + EXACT_GROUP < ms[w] ? r0 + EXACT_GROUP : ms[w]; \
+        T##_exact_range(raws[w], row_bytes, nb, K, x, N, outs[w], ms[w], r0, r1);                    \
     }                                                                                                \
 }                                                                                                    \
 static void T##_gemv_fast_avx2(const uint8_t *raw, int64_t row_bytes, int64_t K, int64_t M,         \

@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (``kernels.c``: quantized matmul; ``ops.c``: the other hot ops):
+"""The compiled CPU kernels (``kernels.c``: quantized matmul; ``ops.c``: the other hot ops;
+``program.c``: a run of them in one call):
 built once per machine with the system C compiler, cached on disk, loaded with ctypes.
 
 The library is compiled for the CPU it runs on (``-march=native``), so it lives in a cache keyed
@@ -23,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c"))
+SOURCES = (Path(__file__).with_name("kernels.c"), Path(__file__).with_name("ops.c"),
+           Path(__file__).with_name("program.c"))
 HEADERS = (Path(__file__).with_name("common.h"),)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
           "-fassociative-math", "-fno-signed-zeros", "-std=c11"]
@@ -127,6 +129,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.quantize_q8.argtypes = [P, I64, I64, P, P, P]
     lib.set_blas.argtypes = [P, ctypes.c_int, P]
     lib.set_threads.argtypes = [ctypes.c_int]
+    lib.run_program.argtypes = [P, I64]
+    lib.run_program.restype = I64
 
 
 def _hook_blas(lib: ctypes.CDLL) -> None:
