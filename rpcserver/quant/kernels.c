@@ -288,12 +288,44 @@ static inline void chunk_floats(__m256i q, const float *s, const float *m, __m25
 
 #if defined(__AVX512F__)
 /* the same 32 floats in two 512-bit registers: half the conversions and FMAs */
-static inline void chunk_floats16(__m256i q, const float *s, const float *m, __m512 w[2]) {
-    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
-                           _mm512_set1_ps(s[0]), _mm512_set1_ps(m[0]));
-    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
-                           _mm512_set1_ps(s[1]), _mm512_set1_ps(m[1]));
+static inline void halves_floats16(__m128i lo, __m128i hi, const float *s, const float *m, __m512 w[2]) {
+    const __m512 s0 = _mm512_set1_ps(s[0]), m0 = _mm512_set1_ps(m[0]);
+    const __m512 s1 = s[1] == s[0] ? s0 : _mm512_set1_ps(s[1]), m1 = m[1] == m[0] ? m0 : _mm512_set1_ps(m[1]);
+    w[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s0, m0);
+    w[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s1, m1);
 }
+static inline void chunk_floats16(__m256i q, const float *s, const float *m, __m512 w[2]) {
+    halves_floats16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1), s, m, w);
+}
+/* the types whose halves are 16 bytes apart in memory, or nibbles of one 16-byte load, skip the
+ * 256-bit chunk (its insert and extract cost two shuffle-port uops a block) */
+#define FLOATS16_FROM_CHUNK(T)                                                                      \
+static inline void T##_floats16(const uint8_t *b, int c, float *s, float *m, __m512 w[2]) {         \
+    chunk_floats16(T##_chunk(b, c, s, m), s, m, w);                                                  \
+}
+static inline void nib_halves(const uint8_t *p, int bias, __m128i *lo, __m128i *hi) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), k = _mm_set1_epi8(15), d = _mm_set1_epi8((char)bias);
+    *lo = _mm_sub_epi8(_mm_and_si128(v, k), d);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), k), d);
+}
+static inline void q4_0_floats16(const uint8_t *b, int c, float *s, float *m, __m512 w[2]) {
+    (void)c; SAME(s, m, rd16(b), 0.0f);
+    __m128i lo, hi;
+    nib_halves(b + 2, 8, &lo, &hi);
+    halves_floats16(lo, hi, s, m, w);
+}
+static inline void q4_1_floats16(const uint8_t *b, int c, float *s, float *m, __m512 w[2]) {
+    (void)c; SAME(s, m, rd16(b), rd16(b + 2));
+    __m128i lo, hi;
+    nib_halves(b + 4, 0, &lo, &hi);
+    halves_floats16(lo, hi, s, m, w);
+}
+static inline void q8_0_floats16(const uint8_t *b, int c, float *s, float *m, __m512 w[2]) {
+    (void)c; SAME(s, m, rd16(b), 0.0f);
+    halves_floats16(_mm_loadu_si128((const __m128i *)(b + 2)), _mm_loadu_si128((const __m128i *)(b + 18)), s, m, w);
+}
+FLOATS16_FROM_CHUNK(q5_0) FLOATS16_FROM_CHUNK(q5_1) FLOATS16_FROM_CHUNK(q2_k) FLOATS16_FROM_CHUNK(q3_k)
+FLOATS16_FROM_CHUNK(q4_k) FLOATS16_FROM_CHUNK(q5_k) FLOATS16_FROM_CHUNK(q6_k)
 #endif
 
 static inline float hsum8(__m256 v) {
@@ -329,7 +361,7 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
         for (int c = 0; c < QK / 32; c++) {                                                          \
             const int64_t k = b * QK + c * 32;                                                       \
             for (int r = 0; r < R; r++) {                                                            \
-                chunk_floats16(T##_chunk(row + r * row_bytes + b * BYTES, c, s, m), s, m, w);        \
+                T##_floats16(row + r * row_bytes + b * BYTES, c, s, m, w);                           \
                 for (int i = 0; i < nr; i++) {                                                       \
                     acc[r][i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr[i] + k), acc[r][i]);        \
                     acc2[r][i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr[i] + k + 16), acc2[r][i]); \
