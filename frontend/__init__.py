@@ -1,1 +1,3 @@
-"""The frontend: GGUF, tokenizer, chat templates, model graphs, engine, sampling, CLI and HTTP API."""
+"""The frontend: `model/` (what a model is: GGUF, architectures, tokenizers, chat templates),
+`sampling/`, `engine/` (loading and placing a model, slots, batching, the one generation loop),
+`api/` (the HTTP server) and `cli/` (``llamarpc``); arrows cli -> api -> engine -> model."""

@@ -31,9 +31,8 @@ OURS = textwrap.dedent("""
     threadpool_limits({threads})
     from llamarpc.client.local import LocalBackend
     from llamarpc.client.remote import RemoteBackend
-    from llamarpc.frontend.generate import Generator
-    from llamarpc.frontend.model import load_model
-    from llamarpc.frontend.sampling import Sampler, SamplingParams
+    from llamarpc.frontend.engine import Engine, EngineConfig, TaskParams, load_model
+    from llamarpc.frontend.sampling import SamplingParams
     addrs = {addrs!r}
     t1 = time.perf_counter()
     backends = [RemoteBackend(a) for a in addrs] if addrs else [LocalBackend()]
@@ -42,10 +41,13 @@ OURS = textwrap.dedent("""
     load = time.perf_counter() - t1
     m.pipeline.pipelined = {pipelined}
     ids = m.tokenizer.encode({prompt!r})
-    g = Generator(m)
-    out = list(g.generate(ids, {n}, Sampler(SamplingParams(temperature=0)), ignore_eos=True))
-    t = g.timings
-    print(json.dumps(dict(ready=ready, load=load, n_prompt=t.n_prompt, prompt_tps=t.prompt_tps, gen_tps=t.gen_tps,
+    eng = Engine(m, EngineConfig(warmup=False))   # what `llamarpc -p` runs: one task on one slot
+    eng.start()
+    t = list(eng.stream(ids, TaskParams(sampling=SamplingParams(temperature=0), n_predict={n}, ignore_eos=True,
+                                        cache_prompt=False)))[-1].timings
+    eng.stop()
+    print(json.dumps(dict(ready=ready, load=load, n_prompt=t.prompt_n, prompt_tps=1e3 * t.prompt_n / t.prompt_ms,
+                          gen_tps=1e3 * t.predicted_n / t.predicted_ms,
                           rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                           sent=m.pipeline.bytes_sent)))
 """)

@@ -21,14 +21,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 from bigmodel import write_big_q4_0_model  # noqa: E402
 from llamarpc.client.local import LocalBackend  # noqa: E402
 from llamarpc.client.remote import RemoteBackend  # noqa: E402
-from llamarpc.frontend.generate import Generator  # noqa: E402
-from llamarpc.frontend.model import load_model  # noqa: E402
-from llamarpc.frontend.sampling import Sampler, SamplingParams  # noqa: E402
+from llamarpc.frontend.engine import Engine, EngineConfig, LogitsProbe, TaskParams, load_model  # noqa: E402
+from llamarpc.frontend.sampling import SamplingParams  # noqa: E402
 from nodeproc import start_node  # noqa: E402
 
 
 def greedy(model, ids: list[int], n: int) -> list[int]:
-    return list(Generator(model).generate(ids, n, Sampler(SamplingParams(temperature=0)), ignore_eos=True))
+    eng = Engine(model, EngineConfig(warmup=False))   # one task on one slot, as `llamarpc -p` runs it
+    eng.start()
+    try:
+        params = TaskParams(sampling=SamplingParams(temperature=0), n_predict=n, ignore_eos=True)
+        return list(eng.stream(ids, params))[-1].tokens
+    finally:
+        eng.stop()
 
 
 def main() -> None:
@@ -58,14 +63,14 @@ def main() -> None:
         t0 = time.perf_counter()
         a = greedy(remote, ids, args.n)
         print(f"  greedy {args.n} tokens in {time.perf_counter() - t0:.1f} s: {a}")
-        la = Generator(remote).eval(ids)
+        la = LogitsProbe(remote).eval(ids)
         remote.close()
     finally:
         for n in nodes:
             n.stop()
     local = load_model(str(big.path), [LocalBackend()], n_ctx=512)
     b = greedy(local, ids, args.n)
-    lb = Generator(local).eval(ids)
+    lb = LogitsProbe(local).eval(ids)
     local.close()
     print(f"one unconstrained in-process node: {b}")
     print("SAME greedy tokens" if a == b else "DIFFERENT greedy tokens",

@@ -19,10 +19,29 @@ def model_path() -> Path:
     return MODEL
 
 
+def greedy(model, ids: list[int], n: int, ignore_eos: bool = False) -> list[int]:
+    """Up to `n` greedy tokens after `ids`, through the engine (one task on one slot): it stops
+    after an end-of-generation token unless `ignore_eos` bans them, as llama.cpp's does."""
+    from llamarpc.frontend.engine import Engine, EngineConfig, FinalEvent, TaskParams
+    from llamarpc.frontend.sampling import SamplingParams
+
+    engine = Engine(model, EngineConfig(warmup=False))
+    engine.start()
+    try:
+        params = TaskParams(sampling=SamplingParams(temperature=0.0), n_predict=n, ignore_eos=ignore_eos,
+                            cache_prompt=False)
+        last = list(engine.stream(ids, params))[-1]
+    finally:
+        engine.stop()
+    if not isinstance(last, FinalEvent):
+        raise RuntimeError(f"generation failed: {last}")
+    return last.tokens
+
+
 @pytest.fixture(scope="session")
 def smollm(model_path: Path):
     from llamarpc.client.local import LocalBackend
-    from llamarpc.frontend.model import load_model
+    from llamarpc.frontend.engine import load_model
 
     model = load_model(str(model_path), [LocalBackend()], n_ctx=1024)
     yield model

@@ -22,12 +22,12 @@ def free_port() -> int:
 
 def start_server(argv: list[str]):
     """`llamarpc <argv> --port <free>` as a Server on threads; returns (server, base_url)."""
-    from llamarpc.frontend.cli import build_parser
-    from llamarpc.frontend.server import Server
+    from llamarpc.frontend.cli.args import build_parser
+    from llamarpc.frontend.cli.server import make_server
 
     port = free_port()
     args = build_parser().parse_args([*argv, "--host", "127.0.0.1", "--port", str(port)])
-    srv = Server(args)
+    srv = make_server(args)
     srv.start()
     scheme = "https" if args.ssl_cert_file else "http"
     return srv, f"{scheme}://127.0.0.1:{port}"

@@ -10,7 +10,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize, quantize
-from llamarpc.frontend.tokenizer_bpe import BYTE_TO_CHAR
+from llamarpc.frontend.model.tokenizer_bpe import BYTE_TO_CHAR
 
 # Types gguf-py can quantize to (we write real quantized data) ...
 QUANTIZABLE = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 
 from bigmodel import write_big_q4_0_model
+from conftest import greedy
 from llamarpc.client.local import LocalBackend
 from llamarpc.client.remote import RemoteBackend
-from llamarpc.frontend.generate import Generator
-from llamarpc.frontend.model import load_model
-from llamarpc.frontend.sampling import Sampler, SamplingParams
+from llamarpc.frontend.engine import LogitsProbe, load_model
 from nodeproc import start_node
 from threadpoolctl import threadpool_limits
 
@@ -42,7 +41,7 @@ def _one_thread():
 
 
 def _greedy(model, ids: list[int]) -> list[int]:
-    return list(Generator(model).generate(ids, N_GEN, Sampler(SamplingParams(temperature=0)), ignore_eos=True))
+    return greedy(model, ids, N_GEN, ignore_eos=True)
 
 
 def test_q4_0_model_runs_on_nodes_capped_below_float32_copies(tmp_path):
@@ -96,7 +95,7 @@ def test_smollm2_node_accounts_its_file_size(model_path):
     node = Node("cpu", capacity=1 << 30)
     model = load_model(str(model_path), [LocalBackend(node=node)], n_ctx=256)
     try:
-        Generator(model).eval(list(range(10, 30)))   # after compute too: nothing is made on first use
+        LogitsProbe(model).eval(list(range(10, 30)))   # after compute too: nothing is made on first use
         (stage,) = model.pipeline.stages
         weights = node.memory.used - stage.kv_bytes
         assert weights <= 1.15 * file_bytes, (weights, file_bytes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from llamarpc.frontend.chat_template import CHATML_TEMPLATE, ChatTemplateError, render_chat
+from llamarpc.frontend.model.chat_template import CHATML_TEMPLATE, ChatTemplateError, render_chat
 
 MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "models", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,9 +8,8 @@ import time
 import numpy as np
 import pytest
 from llamarpc.client.local import LocalBackend
-from llamarpc.frontend.engine import Engine, EngineConfig, ErrorEvent, FinalEvent, PartialEvent, Task, TaskParams
+from llamarpc.frontend.engine import Engine, EngineConfig, ErrorEvent, FinalEvent, PartialEvent, Task, TaskParams, load_model
 from llamarpc.frontend.engine.text import OutputText, find_partial_stop
-from llamarpc.frontend.model import load_model
 from llamarpc.frontend.sampling import SamplingParams
 from llamarpc.proto.errors import NodeUnavailable
 from synth import write_model
@@ -166,7 +165,7 @@ def test_long_prompt_is_chunked_next_to_decoding_streams(synth_path, monkeypatch
 
 
 def test_stop_strings_are_held_back_and_never_sent(synth_path):
-    from llamarpc.frontend.tokenizer import Tokenizer
+    from llamarpc.frontend.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(str(synth_path))
     out = OutputText(tok, stop=["STOP"])
@@ -180,7 +179,7 @@ def test_stop_strings_are_held_back_and_never_sent(synth_path):
 
 
 def test_utf8_is_held_until_complete(synth_path):
-    from llamarpc.frontend.tokenizer import Tokenizer
+    from llamarpc.frontend.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(str(synth_path))
     out = OutputText(tok)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from llamarpc.client.local import LocalBackend
-from llamarpc.frontend.generate import Generator
-from llamarpc.frontend.model import load_model
+from llamarpc.frontend.engine import LogitsProbe, load_model
 from llamarpc.rpcserver.node import Node
 
 PROMPT = "The lighthouse keeper climbed the stairs every evening to light the great lamp."
@@ -17,7 +16,7 @@ def _run(model_path, fuse: bool, mode: str) -> tuple[np.ndarray, np.ndarray, int
     m = load_model(str(model_path), [LocalBackend(node=node)], n_ctx=256)
     try:
         ids = m.tokenizer.encode(PROMPT)
-        g = Generator(m)
+        g = LogitsProbe(m)
         prompt = g.eval(ids, all_logits=True)
         steps = np.stack([g.eval([t]) for t in ids[:6]])
         (plan,) = (p for graphs in node._graphs.values() for p in graphs.values())

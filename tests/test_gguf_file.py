@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gguf import GGUFReader
-from llamarpc.frontend.gguf_file import GGUFFile, ModelLoadError
+from llamarpc.frontend.model.gguf_file import GGUFFile, ModelLoadError
 from synth import KQUANTS, QUANTIZABLE, write_model
 
 

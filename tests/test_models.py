@@ -9,9 +9,8 @@ import sys
 import numpy as np
 import pytest
 from llamarpc.client.local import LocalBackend
-from llamarpc.frontend.generate import Generator
-from llamarpc.frontend.gguf_file import ModelLoadError
-from llamarpc.frontend.model import load_model
+from llamarpc.frontend.engine import LogitsProbe, load_model
+from llamarpc.frontend.model.gguf_file import ModelLoadError
 from synth import KQUANTS, QUANTIZABLE, reference_logits, write_model
 
 TOKENS = [5, 70, 100, 3, 200, 33, 150, 261]
@@ -24,7 +23,7 @@ def test_synthetic_model_matches_reference(tmp_path, arch, qtype):
     model = load_model(str(m.path), [LocalBackend()], n_ctx=64)
     try:
         ref = reference_logits(m, TOKENS)
-        got = Generator(model, n_batch=3).eval(TOKENS, all_logits=True)  # 3 chunks through the cache
+        got = LogitsProbe(model, n_batch=3).eval(TOKENS, all_logits=True)  # 3 chunks through the cache
         scale = np.abs(ref).max()
         assert np.abs(got - ref).max() <= 5e-5 * scale + 1e-4, (arch, qtype.name)  # float32 vs float64
     finally:
@@ -34,8 +33,8 @@ def test_synthetic_model_matches_reference(tmp_path, arch, qtype):
 def test_incremental_decode_equals_full_forward(tmp_path):
     m = write_model(tmp_path / "m.gguf", "llama")
     model = load_model(str(m.path), [LocalBackend()], n_ctx=64)
-    full = Generator(model, n_batch=64).eval(TOKENS, all_logits=True)
-    g = Generator(model, n_batch=64)
+    full = LogitsProbe(model, n_batch=64).eval(TOKENS, all_logits=True)
+    g = LogitsProbe(model, n_batch=64)
     steps = [g.eval([t]) for t in TOKENS]
     assert np.abs(np.stack(steps) - full).max() <= 1e-5 * np.abs(full).max()  # float32 noise
     model.close()
@@ -104,8 +103,8 @@ def test_f16_kv_cache_close_to_f32(tmp_path):
     f16 = load_model(str(m.path), [LocalBackend()], n_ctx=64, kv_type=GGMLType.F16)
     try:
         assert f16.pipeline.stages[0].kv_bytes * 2 == f32.pipeline.stages[0].kv_bytes
-        a = Generator(f32, n_batch=3).eval(TOKENS, all_logits=True)
-        b = Generator(f16, n_batch=3).eval(TOKENS, all_logits=True)
+        a = LogitsProbe(f32, n_batch=3).eval(TOKENS, all_logits=True)
+        b = LogitsProbe(f16, n_batch=3).eval(TOKENS, all_logits=True)
         assert 0 < np.abs(a - b).max() <= 1e-2 * np.abs(a).max()   # rounded K/V, same answer
     finally:
         f32.close()

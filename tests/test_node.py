@@ -206,7 +206,7 @@ def test_device_specs():
 def test_in_process_node_reads_the_file_map_in_place(tmp_path):
     """One in-process stage uses the GGUF's memory map as its weights buffer: nothing is copied or
     sent, the node accounts the file's bytes, and that buffer refuses writes."""
-    from llamarpc.frontend.model import load_model
+    from llamarpc.frontend.engine import load_model
     from synth import write_model
 
     m = write_model(tmp_path / "m.gguf", qtype=T.Q4_0)

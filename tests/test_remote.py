@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, greedy
 from llamarpc.client.local import LocalBackend
 from llamarpc.client.remote import RemoteBackend
-from llamarpc.frontend.generate import Generator
-from llamarpc.frontend.model import load_model
-from llamarpc.frontend.placement import PlacementError
-from llamarpc.frontend.sampling import Sampler, SamplingParams
+from llamarpc.frontend.engine import Engine, EngineConfig, ErrorEvent, FinalEvent, LogitsProbe, TaskParams, load_model
+from llamarpc.frontend.engine.placement import PlacementError
+from llamarpc.frontend.sampling import SamplingParams
 from llamarpc.proto.errors import NodeUnavailable
 from nodeproc import start_node
 from threadpoolctl import threadpool_limits
@@ -44,13 +43,12 @@ def test_split_model_is_bitwise_equal_to_local(model_path, two_nodes, n_nodes, s
     try:
         assert len(remote.pipeline.stages) == n_nodes
         for i, p in enumerate(REF["prompts"][:3]):
-            a = Generator(local).eval(p["ids"])
-            b = Generator(remote).eval(p["ids"])
+            a = LogitsProbe(local).eval(p["ids"])
+            b = LogitsProbe(remote).eval(p["ids"])
             assert np.array_equal(a, b), p["name"]
             assert np.abs(b - REF_LOGITS[i]).max() <= 1e-3
         p = REF["prompts"][1]
-        out = list(Generator(remote).generate(p["ids"], 32, Sampler(GREEDY), ignore_eos=True))
-        assert out == p["greedy_ids"]
+        assert greedy(remote, p["ids"], 32) == p["greedy_ids"]
     finally:
         limits.restore_original_limits()
         local.close()
@@ -67,7 +65,7 @@ def test_second_start_sends_no_weight_bytes(model_path, tmp_path):
         warm = _load(model_path, nodes)
         assert warm.pipeline.bytes_sent == 0
         p = REF["prompts"][0]
-        assert np.abs(Generator(warm).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
+        assert np.abs(LogitsProbe(warm).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
         warm.close()
         # the cache is on disk: it survives a node restart
         nodes[1].restart()
@@ -82,20 +80,24 @@ def test_second_start_sends_no_weight_bytes(model_path, tmp_path):
 def test_kill9_node_between_generations_then_reattach(model_path, tmp_path):
     nodes = [start_node(tmp_path), start_node(tmp_path)]
     model = _load(model_path, nodes)
+    engine = Engine(model, EngineConfig(warmup=False))
+    engine.start()
     try:
-        g = Generator(model)
         ids = REF["prompts"][0]["ids"]
-        first = list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
+        params = TaskParams(sampling=GREEDY, n_predict=12, ignore_eos=True)
+        first = list(engine.stream(ids, params))[-1]
+        assert isinstance(first, FinalEvent) and len(first.tokens) == 12
         nodes[1].kill9()
-        with pytest.raises(NodeUnavailable) as e:
-            list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
-        assert nodes[1].address in str(e.value)
+        lost = list(engine.stream(ids, params))[-1]
+        assert isinstance(lost, ErrorEvent) and lost.code == 503
+        assert nodes[1].address in lost.message
         nodes[1].restart()
         sent = model.pipeline.bytes_sent
-        again = list(g.generate(ids, 12, Sampler(GREEDY), ignore_eos=True))
-        assert again == first
+        again = list(engine.stream(ids, params))[-1]
+        assert isinstance(again, FinalEvent) and again.tokens == first.tokens
         assert model.pipeline.bytes_sent == sent  # weights came back from the node's cache
     finally:
+        engine.stop()
         model.close()
         for n in nodes:
             n.stop()
@@ -110,7 +112,7 @@ def test_model_larger_than_one_node_is_split(model_path, tmp_path):
         model = _load(model_path, nodes)
         assert [len(s.layers) > 0 for s in model.pipeline.stages] == [True, True]
         p = REF["prompts"][0]
-        assert np.abs(Generator(model).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
+        assert np.abs(LogitsProbe(model).eval(p["ids"]) - REF_LOGITS[0]).max() <= 1e-3
         model.close()
     finally:
         for n in nodes:
@@ -166,15 +168,15 @@ def test_micro_batches_flow_through_the_nodes_with_the_same_result(model_path, t
     try:
         ids = REF["prompts"][3]["ids"]             # 276 tokens: cut into micro-batches
         assert model.pipeline.micro_batches(len(ids)) == 4
-        g = Generator(model, n_batch=512)
+        g = LogitsProbe(model, n_batch=512)
         piped = g.eval(ids, all_logits=True)
         model.pipeline.pipelined = False
-        plain = Generator(model, n_batch=512).eval(ids, all_logits=True)
+        plain = LogitsProbe(model, n_batch=512).eval(ids, all_logits=True)
         assert np.abs(piped - plain).max() <= 1e-4
         assert np.abs(piped[-1] - REF_LOGITS[3]).max() <= 1e-3
         model.pipeline.pipelined = True
         # out_rows picked across micro-batches, in any order
-        g2 = Generator(model, n_batch=512)
+        g2 = LogitsProbe(model, n_batch=512)
         g2.reset()
         n = len(ids)
         pos = np.arange(n, dtype=np.int32)

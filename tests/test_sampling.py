@@ -10,17 +10,12 @@ from llamarpc.frontend.sampling import (
     Cand,
     Sampler,
     SamplingParams,
-    _min_p,
-    _temp_ext,
-    _top_n_sigma,
-    _top_p,
-    _typical,
-    _xtc,
     samplers_from_chars,
     samplers_from_names,
     token_probs,
 )
-from llamarpc.frontend.sampling_dry import DryState, apply_dry
+from llamarpc.frontend.sampling.dry import DryState, apply_dry
+from llamarpc.frontend.sampling.steps import min_p, temp_ext, top_n_sigma, top_p, typical, xtc
 
 V = 50
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)   # every truncation off
@@ -70,7 +65,7 @@ def test_top_k_limits_the_draws():
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     lg = logits(1)
     c = cand(lg)
-    _top_p(c, 0.7, 0)
+    top_p(c, 0.7, 0)
     p = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
     order = np.argsort(-p)
     n = int(np.searchsorted(np.cumsum(p[order]), 0.7) + 1)
@@ -80,7 +75,7 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
 def test_min_p_threshold_relative_to_the_top_token():
     lg = logits(2)
     c = cand(lg)
-    _min_p(c, 0.2, 0)
+    min_p(c, 0.2, 0)
     p = np.exp(lg - lg.max())
     assert set(c.ids.tolist()) == set(np.flatnonzero(p >= 0.2 - 1e-6).tolist())
 
@@ -88,7 +83,7 @@ def test_min_p_threshold_relative_to_the_top_token():
 def test_typical_keeps_tokens_closest_to_the_entropy():
     lg = np.array([5.0, 4.9, 1.0, 0.0, -3.0], np.float32)
     c = cand(lg)
-    _typical(c, 0.5, 0)
+    typical(c, 0.5, 0)
     p = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
     h = -(p * np.log(p)).sum()
     order = np.argsort(np.abs(-np.log(p) - h), kind="stable")
@@ -99,17 +94,17 @@ def test_typical_keeps_tokens_closest_to_the_entropy():
 def test_xtc_removes_all_but_the_least_likely_top_choice():
     lg = np.log(np.array([0.4, 0.3, 0.2, 0.06, 0.04], np.float32))
     c = cand(lg)
-    _xtc(c, 1.0, 0.1, 1, np.random.default_rng(0))
+    xtc(c, 1.0, 0.1, 1, np.random.default_rng(0))
     assert c.ids.tolist() == [2, 3, 4]        # 0.4 and 0.3 go, 0.2 (the last above 0.1) stays
     c = cand(lg)
-    _xtc(c, 1.0, 0.6, 1, np.random.default_rng(0))   # threshold > 0.5: disabled
+    xtc(c, 1.0, 0.6, 1, np.random.default_rng(0))   # threshold > 0.5: disabled
     assert len(c) == 5
 
 
 def test_top_n_sigma_masks_below_max_minus_n_std():
     lg = np.array([10.0, 9.5, 0.0, -1.0, -2.0], np.float32)
     c = cand(lg)
-    _top_n_sigma(c, 1.0)
+    top_n_sigma(c, 1.0)
     kept = c.ids[np.isfinite(c.logits)].tolist()
     std = float(np.std(lg))
     assert kept == [i for i in np.argsort(-lg) if lg[i] >= lg.max() - std]
@@ -118,7 +113,7 @@ def test_top_n_sigma_masks_below_max_minus_n_std():
 def test_dynamic_temperature_lies_within_the_range():
     lg = logits(4)
     c = cand(lg)
-    _temp_ext(c, 1.0, 0.5, 1.0)
+    temp_ext(c, 1.0, 0.5, 1.0)
     ratio = (lg.max() - lg.min()) / (c.logits.max() - c.logits.min())
     assert 0.5 - 1e-4 <= ratio <= 1.5 + 1e-4
 
@@ -164,8 +159,8 @@ def test_dry_penalizes_the_token_that_extends_a_repeat():
 
 
 def test_dry_breakers_from_the_vocabulary(tmp_path):
-    from llamarpc.frontend.sampling_dry import dry_breakers
-    from llamarpc.frontend.tokenizer import Tokenizer
+    from llamarpc.frontend.model.tokenizer import Tokenizer
+    from llamarpc.frontend.sampling.dry import dry_breakers
     from synth import write_model
 
     path = tmp_path / "m.gguf"

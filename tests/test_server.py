@@ -371,8 +371,7 @@ def test_disabled_endpoints_404(secure):
 def test_timeout_ends_a_request_that_gets_no_result(synth):
     from llamarpc.client.local import LocalBackend
     from llamarpc.frontend.api import ServerSettings, ServerState, create_app
-    from llamarpc.frontend.engine import Engine
-    from llamarpc.frontend.model import load_model
+    from llamarpc.frontend.engine import Engine, load_model
 
     state = ServerState(ServerSettings(model_path=str(synth), timeout=0.5))
     model = load_model(str(synth), [LocalBackend()], n_ctx=256)
@@ -392,8 +391,7 @@ def test_timeout_ends_a_request_that_gets_no_result(synth):
 def test_node_lost_over_http(synth):
     from llamarpc.client.local import LocalBackend
     from llamarpc.frontend.api import ServerSettings, ServerState, create_app
-    from llamarpc.frontend.engine import Engine, EngineConfig
-    from llamarpc.frontend.model import load_model
+    from llamarpc.frontend.engine import Engine, EngineConfig, load_model
     from test_engine import FlakyBackend
 
     flaky = FlakyBackend()

@@ -15,7 +15,7 @@ import gguf_vocab
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from llamarpc.frontend.tokenizer import ATTR_NORMAL, Tokenizer
+from llamarpc.frontend.model.tokenizer import ATTR_NORMAL, Tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 BPE_NAMES = ("smollm", "gpt-2", "llama-bpe", "qwen2")
@@ -249,7 +249,7 @@ def test_round_trip_random_text_spm(spm: Tokenizer, s: str) -> None:
 def test_round_trip_random_text_bpe(smollm: Tokenizer) -> None:
     # SmolLM2 has no token for a few bytes (some C0 controls, lead bytes 0xF1.. of code points past
     # U+3FFFF); llama.cpp drops those bytes too, so strings containing them cannot round-trip
-    from llamarpc.frontend.tokenizer_bpe import BYTE_TO_CHAR
+    from llamarpc.frontend.model.tokenizer_bpe import BYTE_TO_CHAR
 
     missing = {b for b, c in BYTE_TO_CHAR.items() if smollm.token_to_id(c) is None}
     assert 0xF1 in missing and ord("a") not in missing

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..chat_template import ChatTemplateError, render_chat
-from ..tokenizer import Tokenizer
+from ..model.chat_template import ChatTemplateError, render_chat
+from ..model.tokenizer import Tokenizer
 from .errors import bad_request
 from .state import ServerState
 

@@ -10,8 +10,8 @@ import re
 from typing import Any
 
 from ..engine import TaskParams
+from ..model.tokenizer import Tokenizer
 from ..sampling import SamplingParams, samplers_from_chars, samplers_from_names
-from ..tokenizer import Tokenizer
 from .errors import bad_request
 from .state import ServerState
 

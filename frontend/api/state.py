@@ -7,9 +7,8 @@ import os
 import time
 from collections.abc import Callable
 
-from ..chat_template import CHATML_TEMPLATE
-from ..engine import Engine
-from ..model import Model
+from ..engine import Engine, Model
+from ..model.chat_template import CHATML_TEMPLATE
 from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)

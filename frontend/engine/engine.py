@@ -18,18 +18,19 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from llamarpc.proto.errors import BackendError, NodeUnavailable
 
-from ..kv_cells import KVCells
-from ..model import Model
 from ..sampling import Sampler
-from ..sampling_dry import dry_breakers
+from ..sampling.dry import dry_breakers
 from .budget import StepBudget
+from .kv_cells import KVCells
+from .loader import Model
+from .pipeline import Pipeline
 from .slot import Slot, SlotState, common_prefix
-from .task import ErrorEvent, Event, Task
+from .task import ErrorEvent, Event, FinalEvent, Task, TaskParams
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,20 @@ class EngineMetrics:
     n_busy_slots_total: int = 0
     n_tokens_max: int = 0
     n_requests_total: int = 0
+
+
+def forward_micro_batches(pipeline: Pipeline, kv: KVCells, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray,
+                          want: np.ndarray, n_ubatch: int) -> np.ndarray:
+    """One step as micro-batches of at most n_ubatch tokens, each given its KV cells; the logits
+    of the `want` rows."""
+    outs = []
+    for a in range(0, tokens.size, n_ubatch):
+        sl = slice(a, a + n_ubatch)
+        cells = kv.alloc(seq[sl], pos[sl])
+        kv_pos, kv_seq = kv.view()
+        rows = np.flatnonzero(want[sl]).astype(np.int32)
+        outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows))
+    return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
 
 
 class Engine:
@@ -101,6 +116,25 @@ class Engine:
     def cancel(self, task: Task) -> None:
         task.cancel()
         self._inbox.put(None)   # wake the loop
+
+    def stream(self, prompt: Sequence[int], params: TaskParams) -> Iterator[Event]:
+        """Submit one task and yield its events on the calling thread, up to its final or error
+        event (the one-shot CLI, scripts, tests; the HTTP handlers use `submit` with their own
+        sink). Leaving the loop early cancels the task."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not started")
+        events: queue.Queue[Event] = queue.Queue()
+        task = Task(list(prompt), params, events.put)
+        self.submit(task)
+        done = False
+        try:
+            while not done:
+                ev = events.get()
+                done = isinstance(ev, (FinalEvent, ErrorEvent))
+                yield ev
+        finally:
+            if not done:
+                self.cancel(task)
 
     @property
     def n_deferred(self) -> int:
@@ -323,17 +357,7 @@ class Engine:
         s.release()
 
     def _forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray:
-        """One step as micro-batches of at most n_ubatch tokens; logits of the `want` rows."""
-        pipeline = self.model.pipeline
-        ub = self.config.n_ubatch
-        outs = []
-        for a in range(0, tokens.size, ub):
-            sl = slice(a, a + ub)
-            cells = self.kv.alloc(seq[sl], pos[sl])
-            kv_pos, kv_seq = self.kv.view()
-            rows = np.flatnonzero(want[sl]).astype(np.int32)
-            outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows))
-        return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        return forward_micro_batches(self.model.pipeline, self.kv, tokens, pos, seq, want, self.config.n_ubatch)
 
     # -- nodes lost and found ---------------------------------------------------------------------
     def _reset_cache(self) -> None:

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
+from ..model.tokenizer import Tokenizer
 from ..sampling import Sampler, softmax_prob, token_probs
-from ..tokenizer import Tokenizer
 from .task import STOP_EOS, STOP_LIMIT, STOP_WORD, FinalEvent, PartialEvent, Task, Timings, TokenOutput, TokenProb
 from .text import OutputText
 

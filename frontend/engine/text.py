@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..tokenizer import Tokenizer
+from ..model.tokenizer import Tokenizer
 
 
 def find_partial_stop(stop: str, text: str) -> int:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .sampling_cand import Cand
-    from .tokenizer import Tokenizer
+    from ..model.tokenizer import Tokenizer
+    from .cand import Cand
 
 _MAX_CHAR_LEN = 40
 _MAX_SEQ_LEN = 20

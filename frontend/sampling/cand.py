@@ -1,4 +1,4 @@
-"""The candidate set the sampler steps (sampling.py, sampling_dry.py) work on: a leaf module, so
+"""The candidate set the sampler steps (steps.py, dry.py, sampler.py) work on: a leaf module, so
 the steps import it and not each other."""
 from __future__ import annotations
 

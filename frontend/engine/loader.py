@@ -1,5 +1,5 @@
-"""Loading a model: the GGUF file, its architecture module and args, its tokenizer, and the
-pipeline that places its layers on backends."""
+"""A loaded model: the GGUF file, its architecture module and args, its tokenizer (all from
+`model/`), and the pipeline that places its layers on backends: what the engine runs."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from llamarpc.client import Backend
 from llamarpc.proto.types import GGMLType
 
-from .gguf_file import GGUFFile, ModelLoadError
-from .models import get_architecture
+from ..model.arch import get_architecture
+from ..model.gguf_file import GGUFFile, ModelLoadError
+from ..model.tokenizer import Tokenizer
 from .pipeline import Pipeline, Progress
-from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

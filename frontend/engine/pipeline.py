@@ -19,7 +19,7 @@ from llamarpc.client import Backend, GraphBuilder, TensorRef
 from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType
 
-from .gguf_file import GGUFFile
+from ..model.gguf_file import GGUFFile
 from .placement import format_table, human_bytes, place_layers
 
 log = logging.getLogger(__name__)

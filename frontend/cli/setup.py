@@ -1,5 +1,5 @@
-"""What the one-shot CLI and the server both set up from the parsed flags: threads, backends, the
-KV cache type. A leaf: cli -> server -> setup, and cli -> setup."""
+"""What the one-shot mode and the server both set up from the parsed flags: threads, backends, the
+KV cache type, the model loaded and placed, the engine's configuration."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:   # numpy (under proto.types) is imported only after the BLAS thread limit is set
     from llamarpc.proto.types import GGMLType
+
+    from ..engine import EngineConfig, Model
+    from ..engine.pipeline import Progress
 
 
 def set_threads(threads: int) -> None:
@@ -43,3 +46,21 @@ def make_backends(args: argparse.Namespace) -> list:
     if not addrs:
         raise ValueError("--rpc needs at least one HOST:PORT")
     return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
+
+
+def load_from_args(args: argparse.Namespace, progress: Progress | None = None) -> Model:
+    """-m on the backends of --rpc (or in process), -c, -ts, -ctk/-ctv."""
+    from ..engine import load_model
+
+    backends = make_backends(args)
+    split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+    return load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=progress,
+                      kv_type=kv_cache_type(args))
+
+
+def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True) -> EngineConfig:
+    """-b, -ub, -pc for `n_parallel` slots."""
+    from ..engine import EngineConfig
+
+    return EngineConfig(n_parallel=n_parallel, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
+                        prefill_chunk=args.prefill_chunk, warmup=warmup)

@@ -1,0 +1,96 @@
+"""The HTTP server: the app on uvicorn, with the model loading in the background.
+
+The port opens at once; the model loads on a thread (every route but /health answers 503
+"Loading model" meanwhile), then the engine starts. `run()` blocks (the CLI); `start()` /
+`stop()` run it on a thread (tests, embedding)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from llamarpc.proto.errors import BackendError
+
+from ..engine import Engine, Model
+from ..model.gguf_file import ModelLoadError
+from .app import create_app
+from .state import ServerSettings, ServerState
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[], tuple[Model, Engine]]   # load the model, start its engine
+
+
+@dataclasses.dataclass
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    verbose: bool = False
+
+
+class Server:
+    def __init__(self, settings: ServerSettings, listen: Listen, load: Loader) -> None:
+        import uvicorn
+
+        self.settings = settings
+        self.listen = listen
+        self._load_fn = load
+        self.state = ServerState(settings)
+        self.app = create_app(self.state)
+        self.config = uvicorn.Config(
+            self.app, host=listen.host, port=listen.port, ssl_keyfile=listen.ssl_keyfile,
+            ssl_certfile=listen.ssl_certfile, log_level="debug" if listen.verbose else "warning",
+            access_log=bool(listen.verbose), lifespan="off", timeout_keep_alive=5)
+        self.uvicorn = uvicorn.Server(self.config)
+        self._thread: threading.Thread | None = None
+        self._loader = threading.Thread(target=self._load, name="llamarpc-loader", daemon=True)
+
+    def _load(self) -> None:
+        try:
+            model, engine = self._load_fn()
+        except (ModelLoadError, ValueError, BackendError, OSError) as e:
+            self.state.load_error = f"failed to load the model: {e}"
+            log.error("%s", self.state.load_error)
+            self.uvicorn.should_exit = True
+            return
+        self.state.attach(model, engine)
+        lst = self.listen
+        log.info("model loaded: %d slots of %d tokens; listening on %s://%s:%d", len(engine.slots),
+                 engine.n_ctx_slot, "https" if lst.ssl_certfile else "http", lst.host, lst.port)
+
+    def run(self) -> int:
+        self._loader.start()
+        try:
+            self.uvicorn.run()
+        finally:
+            self._shutdown()
+        return 0 if self.state.load_error is None else 1
+
+    def start(self, timeout: float = 120.0) -> None:
+        self._loader.start()
+        self._thread = threading.Thread(target=self.uvicorn.run, name="llamarpc-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not (self.uvicorn.started and self.state.ready):
+            if self.state.load_error:
+                raise RuntimeError(self.state.load_error)
+            if time.monotonic() > deadline or (self._thread is not None and not self._thread.is_alive()):
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._loader.join(60)
+        if self.state.engine is not None:
+            self.state.engine.stop()
+        if self.state.model is not None:
+            self.state.model.close()

@@ -1,0 +1,74 @@
+"""``llamarpc -m model.gguf`` without -p/--chat: the flags turned into the HTTP server's settings,
+the loader it runs in the background (backends, model, engine with -np slots), and `serve`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .args import chat_template_from_args, sampling_from_args
+from .setup import engine_config, load_from_args, set_threads
+
+if TYPE_CHECKING:
+    from ..api.server import Server
+    from ..api.state import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys: list[str] = []
+    for k in args.api_key or ([os.environ["LLAMA_API_KEY"]] if os.environ.get("LLAMA_API_KEY") else []):
+        keys += [x.strip() for x in k.split(",") if x.strip()]
+    if args.api_key_file:
+        for line in Path(args.api_key_file).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                keys.append(line)
+    return tuple(keys)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Every flag checked here, before anything loads: a bad value is a ValueError."""
+    from ..api import ServerSettings
+
+    sampling = sampling_from_args(args)
+    template = chat_template_from_args(args)
+    if args.parallel < 1:
+        raise ValueError("--parallel must be at least 1")
+    if bool(args.ssl_key_file) != bool(args.ssl_cert_file):
+        raise ValueError("--ssl-key-file and --ssl-cert-file go together")
+    return ServerSettings(
+        model_path=args.model, alias=args.alias or "", n_parallel=args.parallel, n_predict=args.n_predict,
+        sampling=sampling, chat_template=template, system_prompt=args.system_prompt, api_keys=_api_keys(args),
+        metrics=args.metrics, slots=args.slots, timeout=args.timeout, cache_prompt=args.cache_prompt,
+        ignore_eos=args.ignore_eos)
+
+
+def make_server(args: argparse.Namespace) -> Server:
+    """The server for these flags (nothing loaded yet: `run()` or `start()` loads in the background)."""
+    from ..api.server import Listen, Server
+    from ..engine import Engine
+
+    def load():
+        model = load_from_args(args)
+        log.info("placement:\n%s", model.pipeline.placement_table())
+        engine = Engine(model, engine_config(args, args.parallel))
+        engine.start()
+        return model, engine
+
+    listen = Listen(host=args.host, port=args.port, ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file,
+                    verbose=args.verbose)
+    return Server(settings_from_args(args), listen, load)
+
+
+def serve(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    try:
+        server = make_server(args)
+    except (ValueError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    return server.run()
