@@ -3,11 +3,22 @@
 Every call has a deadline; only idempotent calls are retried; a node that does not answer raises
 NodeUnavailable naming its address. The session lives as long as the Hello stream: when this
 client goes away (or calls close), the node frees everything the session held.
+
+Keepalive, agreed with the node (rpcserver/servicer.py): the client pings every `keepalive`
+seconds (default 5; LLAMARPC_RPC_KEEPALIVE) with or without calls or data in flight, and the node
+accepts pings down to one per second, so an idle session lives as long as both ends do; a node that
+does not answer a ping within `keepalive_timeout` seconds (default 5;
+LLAMARPC_RPC_KEEPALIVE_TIMEOUT) is taken for gone: its session stream fails, `alive` turns False.
+`alive` also turns False when the node ends the session stream (it closed the session) or answers
+a call with "session lost" (it no longer knows the session, e.g. it restarted); such a call raises
+NodeUnavailable, and `reconnect()` opens a new session.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +35,24 @@ from .backend import Backend, NodeInfo, Pending
 log = logging.getLogger(__name__)
 
 SESSION_KEY = "llamarpc-session"
+SESSION_LOST_KEY = "llamarpc-session-lost"
 CHUNK = 4 << 20
 MAX_MESSAGE = 64 << 20
+DEFAULT_KEEPALIVE = 5.0
+DEFAULT_KEEPALIVE_TIMEOUT = 5.0
+MIN_KEEPALIVE = 2.0      # nodes accept a ping per second at most; twice that leaves room for jitter
+
+
+def _seconds(value: float | None, env: str, default: float, lo: float, what: str) -> float:
+    if value is None:
+        text = os.environ.get(env, "")
+        try:
+            value = float(text) if text.strip() else default
+        except ValueError:
+            raise ValueError(f"{env}={text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and lo <= value <= 3600.0):
+        raise ValueError(f"{what} must be {lo:g}..3600 seconds, got {value}")
+    return float(value)
 
 
 def _bytes_view(data: np.ndarray | bytes | memoryview) -> memoryview:
@@ -37,7 +64,11 @@ def _bytes_view(data: np.ndarray | bytes | memoryview) -> memoryview:
 class RemoteBackend(Backend):
     def __init__(self, address: str, *, token: str | None = None, tls_ca: bytes | None = None,
                  tls_server_name: str | None = None, timeout: float = 30.0, compute_timeout: float = 120.0,
-                 connect_timeout: float = 10.0, client_name: str = "llamarpc") -> None:
+                 connect_timeout: float = 10.0, client_name: str = "llamarpc",
+                 keepalive: float | None = None, keepalive_timeout: float | None = None) -> None:
+        self.keepalive = _seconds(keepalive, "LLAMARPC_RPC_KEEPALIVE", DEFAULT_KEEPALIVE, MIN_KEEPALIVE, "keepalive")
+        self.keepalive_timeout = _seconds(keepalive_timeout, "LLAMARPC_RPC_KEEPALIVE_TIMEOUT",
+                                          DEFAULT_KEEPALIVE_TIMEOUT, 0.5, "keepalive timeout")
         self.address = address
         self.name = address
         self.timeout = timeout
@@ -61,8 +92,14 @@ class RemoteBackend(Backend):
         """(Re)open the channel and a new session. Buffers of an earlier session are gone."""
         self._close_channel()
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-                ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0),
+                # pings the node accepts (rpcserver/servicer.py), also on a connection without data;
+                # grpcio 1.85 closes a connection whose ping goes unanswered only with ping_timeout_ms
+                # (keepalive_timeout_ms alone left a frozen node undetected for 30 s and more)
+                ("grpc.keepalive_time_ms", int(self.keepalive * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+                ("grpc.http2.ping_timeout_ms", int(self.keepalive_timeout * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.enable_retries", 0),
                 # a fresh connection on reconnect: never a shared subchannel still backing off
                 ("grpc.use_local_subchannel_pool", 1), ("grpc.enable_http_proxy", 0),
                 ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -80,9 +117,14 @@ class RemoteBackend(Backend):
                                       wait_for_ready=False)
             reply = self._first(stream)
         except grpc.RpcError as e:
+            self._close_channel()
             raise self._error(e) from None
+        except BaseException:
+            self._close_channel()
+            raise
         if reply.protocol_version != PROTOCOL_VERSION:
             stream.cancel()
+            self._close_channel()
             raise FailedPrecondition(f"protocol version mismatch: node speaks {reply.protocol_version}, "
                                      f"client speaks {PROTOCOL_VERSION}", node=self.address)
         self._hello_stream = stream
@@ -145,6 +187,8 @@ class RemoteBackend(Backend):
     def _error(self, e: grpc.RpcError) -> BackendError:
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         detail = (e.details() if hasattr(e, "details") else str(e)) or code.name
+        if code == grpc.StatusCode.FAILED_PRECONDITION and self._session_lost(e):
+            return NodeUnavailable(f"session lost: {detail}", node=self.address)
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return NodeUnavailable(f"{code.name.lower()}: {detail}", node=self.address)
         try:
@@ -152,6 +196,22 @@ class RemoteBackend(Backend):
         except ValueError:
             cls = BackendError
         return cls(detail, node=self.address)
+
+    def _session_lost(self, e: grpc.RpcError) -> bool:
+        """The node says it no longer knows our session (restarted, or closed it): we are not alive
+        until reconnect(). An answer about an earlier session changes nothing."""
+        try:
+            trailing = e.trailing_metadata() or ()
+        except Exception:  # noqa: BLE001 - not every RpcError carries metadata
+            trailing = ()
+        lost = next((v for k, v in trailing if k == SESSION_LOST_KEY), None)
+        if lost is None or lost != self._session[:64]:
+            return False
+        if self._alive:
+            self._alive = False
+            log.warning("%s: the node no longer knows session %s; a new one is needed", self.address,
+                        self._session[:8])
+        return True
 
     def _call(self, fn: Callable, request: Any, *, timeout: float | None = None, retries: int = 0) -> Any:
         for attempt in range(retries + 1):

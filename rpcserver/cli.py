@@ -2,7 +2,16 @@
 
 Flags have LLAMARPC_* environment equivalents (LLAMARPC_HOST, LLAMARPC_PORT, LLAMARPC_DEVICE,
 LLAMARPC_THREADS, LLAMARPC_RESERVE_MEMORY, LLAMARPC_CACHE_DIR, LLAMARPC_AUTH_TOKEN_FILE,
-LLAMARPC_TLS_CERT, LLAMARPC_TLS_KEY).
+LLAMARPC_TLS_CERT, LLAMARPC_TLS_KEY, LLAMARPC_MAX_SESSIONS, LLAMARPC_SESSIONS_PER_CLIENT,
+LLAMARPC_SESSION_MEM, LLAMARPC_CLIENT_MEM, LLAMARPC_KEEPALIVE).
+
+Fair sharing: at most --max-sessions sessions (each frontend holds one per node), at most
+--sessions-per-client of them from one client address; a session's buffers may hold at most
+--session-mem MiB and all sessions of one client address together at most --client-mem MiB. By
+default both byte caps are half the capacity for clients on the network (a second client always
+finds half the node) and off for clients on this machine (loopback, Unix sockets: they share one
+address, and could take the machine's memory without the node); 0 turns a cap off, a number
+applies to every client. A refused Hello or AllocBuffer is RESOURCE_EXHAUSTED naming the flag.
 """
 from __future__ import annotations
 
@@ -21,6 +30,10 @@ log = logging.getLogger("llamarpc.server")
 
 def _env(name: str, default: object = None) -> object:
     return os.environ.get(f"LLAMARPC_{name}", default)
+
+
+def _opt_int(v: object) -> int | None:
+    return None if v is None or v == "" else int(str(v))
 
 
 def default_threads() -> int:
@@ -56,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE"), help="file holding the shared secret")
     p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key")
+    p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", 16)), metavar="N",
+                   help="sessions open at once, all clients together (default 16; each holds a server thread)")
+    p.add_argument("--sessions-per-client", type=int, default=int(_env("SESSIONS_PER_CLIENT", 4)), metavar="N",
+                   help="sessions one client address may hold (default 4)")
+    p.add_argument("--session-mem", type=int, default=_opt_int(_env("SESSION_MEM")), metavar="MiB",
+                   help="bytes one session may allocate (default: half the capacity for network clients, "
+                        "no cap on loopback; 0 = no cap)")
+    p.add_argument("--client-mem", type=int, default=_opt_int(_env("CLIENT_MEM")), metavar="MiB",
+                   help="bytes all sessions of one client address may allocate together (default as --session-mem)")
+    p.add_argument("--keepalive", type=float, default=float(_env("KEEPALIVE", 10.0)), metavar="S",
+                   help="ping every client connection every S seconds and drop one that does not answer "
+                        "within S, freeing its sessions (default 10; 1..3600)")
     p.add_argument("--port-file", default=None, help="write the bound port here once listening (for scripts/tests)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -68,6 +93,12 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _cap_text(v: int | None, capacity: int) -> str:
+    if v is None:
+        return f"{capacity / 2**21:.1f} MiB off loopback, no cap on loopback"
+    return "no cap" if v == 0 else f"{v / 2**20:.1f} MiB"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .node import Node, default_capacity
 
     quant.set_threads(threads)
-    from .servicer import make_server
+    from .servicer import SessionLimits, make_server
     from .tensor_cache import TensorCache
 
     token = None
@@ -111,10 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"llamarpc-server: error: {e}", file=sys.stderr)
         return 2
+    try:
+        limits = SessionLimits(max_sessions=args.max_sessions, sessions_per_client=args.sessions_per_client,
+                               session_mem=None if args.session_mem is None else args.session_mem << 20,
+                               client_mem=None if args.client_mem is None else args.client_mem << 20)
+    except ValueError as e:
+        print(f"llamarpc-server: error: {e}", file=sys.stderr)
+        return 2
     cache = TensorCache(args.cache_dir or None, max_total=args.cache_size << 20)
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
     try:
-        server, port, _ = make_server(node, f"{host}:{args.port}", cache=cache, token=token, tls=tls)
+        server, port, _ = make_server(node, f"{host}:{args.port}", cache=cache, token=token, tls=tls, limits=limits,
+                                      keepalive=args.keepalive)
+    except ValueError as e:
+        print(f"llamarpc-server: error: {e}", file=sys.stderr)
+        return 2
     except (OSError, RuntimeError) as e:
         print(f"llamarpc-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
@@ -122,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("llamarpc-server listening on %s:%d (device %s, %d threads, %s matmul, capacity %.1f MiB, cache %s, %s%s)",
              args.host, port, node.device.name, threads, args.matmul, capacity / 2**20, args.cache_dir or "off",
              "TLS" if tls else "plaintext", ", token auth" if token else "")
+    log.info("sessions: %d at most, %d per client; per session %s, per client %s; keepalive %.0f s",
+             limits.max_sessions, limits.sessions_per_client, _cap_text(limits.session_mem, capacity),
+             _cap_text(limits.client_mem, capacity), args.keepalive)
     if args.port_file:
         Path(args.port_file).write_text(str(port))
     stop = threading.Event()

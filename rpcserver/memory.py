@@ -3,7 +3,8 @@
 A buffer is a flat byte array on the device. Tensors are views into it at client-chosen offsets;
 every offset and size is checked against the buffer before any byte moves. Each write bumps the
 buffer's `generation`. Weights stay in the bytes they were sent as (GGUF blocks): what a buffer
-holds is all a node accounts for a tensor.
+holds is all a node accounts for a tensor. A session's buffers may also count against quotas (its
+own, its client's: the servicer's fairness limits), checked with the capacity under one lock.
 """
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ class Buffer:
                 f"{what}: range [{offset}, {offset}+{size}) is outside buffer {self.id} of {self.size} bytes")
 
 
+class Quota:
+    """Bytes that a group of sessions (one session, or every session of one client) may hold."""
+
+    __slots__ = ("limit", "used", "what")
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit = limit
+        self.used = 0
+        self.what = what   # names the group and the flag that sets the limit, for the error
+
+
 class Memory:
     """All buffers of a node, with one capacity shared by every session."""
 
@@ -55,6 +67,7 @@ class Memory:
         self._used = 0
         self._next_id = 1
         self._buffers: dict[int, tuple[str, Buffer]] = {}
+        self._quotas: dict[str, tuple[Quota, ...]] = {}
         self._lock = threading.Lock()
 
     # -- accounting -------------------------------------------------------------------------------
@@ -66,6 +79,27 @@ class Memory:
     def free(self) -> int:
         return max(0, self.capacity - self._used)
 
+    def set_quotas(self, session: str, quotas: tuple[Quota, ...]) -> None:
+        """The quotas a session's allocations count against from now on (() for none); set them
+        before the session allocates, clear them once its buffers are freed."""
+        with self._lock:
+            if quotas:
+                self._quotas[session] = tuple(quotas)
+            else:
+                self._quotas.pop(session, None)
+
+    def free_for(self, session: str) -> int:
+        """What `session` may still allocate: the free capacity, within its quotas."""
+        with self._lock:
+            return max(0, min([self.capacity - self._used,
+                               *(q.limit - q.used for q in self._quotas.get(session, ()))]))
+
+    def _unreserve(self, session: str, size: int) -> None:
+        """Give back `size` bytes of `session` (the caller holds the lock)."""
+        self._used -= size
+        for q in self._quotas.get(session, ()):
+            q.used -= size
+
     # -- buffers ----------------------------------------------------------------------------------
     def _reserve(self, session: str, size: int) -> int:
         """Account `size` bytes for a new buffer of `session`; its id."""
@@ -75,9 +109,16 @@ class Memory:
             if size > self.capacity - self.used:
                 raise ResourceExhausted(
                     f"cannot allocate {size} bytes: {self.capacity - self.used} free of {self.capacity}")
+            quotas = self._quotas.get(session, ())
+            for q in quotas:
+                if size > q.limit - q.used:
+                    raise ResourceExhausted(f"cannot allocate {size} bytes: {q.what} may hold {q.limit} bytes "
+                                            f"and holds {q.used}")
             if sum(1 for s, _ in self._buffers.values() if s == session) >= MAX_BUFFERS_PER_SESSION:
                 raise ResourceExhausted(f"a session may hold at most {MAX_BUFFERS_PER_SESSION} buffers")
             self._used += size
+            for q in quotas:
+                q.used += size
             bid = self._next_id
             self._next_id += 1
         return bid
@@ -93,7 +134,7 @@ class Memory:
             data = self.device.lib.zeros(size, dtype=np.uint8)
         except MemoryError:
             with self._lock:
-                self._used -= size
+                self._unreserve(session, size)
             raise ResourceExhausted(f"the device could not allocate {size} bytes") from None
         return self._add(session, Buffer(bid, size, data))
 
@@ -117,8 +158,9 @@ class Memory:
     def free_buffer(self, session: str, buffer_id: int) -> None:
         buf = self.get(session, buffer_id)
         with self._lock:
-            self._buffers.pop(buffer_id, None)
-            self._used -= buf.size
+            if self._buffers.pop(buffer_id, None) is None:
+                return   # freed by a concurrent call
+            self._unreserve(session, buf.size)
         buf.generation += 1
         buf.data = None
 
