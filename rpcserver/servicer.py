@@ -137,10 +137,6 @@ class _Client:
         self.quota = quota
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 class BackendServicer(pb_grpc.BackendServicer):
     def __init__(self, node: Node, cache: TensorCache, max_sessions: int = 16,
                  limits: SessionLimits | None = None) -> None:
