@@ -136,6 +136,20 @@ def test_cancel_frees_the_slot_within_a_step(engine):
     assert not any(isinstance(e, FinalEvent) for e in run.events[t.id])
 
 
+def test_stream_yields_one_tasks_events_and_leaving_it_cancels(engine):
+    params = TaskParams(sampling=GREEDY, n_predict=5, ignore_eos=True)
+    events = list(engine.stream(prompts(1)[0], params))
+    assert isinstance(events[-1], FinalEvent) and all(isinstance(e, PartialEvent) for e in events[:-1])
+    assert [t for e in events[:-1] for t in e.tokens] == events[-1].tokens and len(events[-1].tokens) == 5
+    it = engine.stream(prompts(1)[0], TaskParams(sampling=GREEDY, n_predict=400, ignore_eos=True))
+    assert isinstance(next(it), PartialEvent)
+    it.close()
+    deadline = time.time() + 5
+    while any(s.busy for s in engine.slots) and time.time() < deadline:
+        time.sleep(0.002)
+    assert not any(s.busy for s in engine.slots)
+
+
 def test_long_prompt_is_chunked_next_to_decoding_streams(synth_path, monkeypatch):
     eng = make_engine(synth_path, n_ctx=1024, n_parallel=4, prefill_chunk=16, warmup=False)
     try:

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import greedy
 from llamarpc.client.local import LocalBackend
 from llamarpc.frontend.engine import LogitsProbe, load_model
 from llamarpc.frontend.model.gguf_file import ModelLoadError
@@ -43,6 +44,26 @@ def test_incremental_decode_equals_full_forward(tmp_path):
 def _run_cli(path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamarpc.frontend.cli", "-m", str(path), "-p", "hi", "-n", "2"],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_cli_one_shot_is_an_engine_task(tmp_path):
+    """`llamarpc -p` prints what one engine task generates, and takes the server's sampling flags."""
+    m = write_model(tmp_path / "m.gguf", "llama")
+    model = load_model(str(m.path), [LocalBackend()], n_ctx=64)
+    try:
+        tok = model.tokenizer
+        want = greedy(model, tok.encode("hi", add_special=True, parse_special=True), 6, ignore_eos=True)
+        dec = tok.streaming_decoder()
+        text = "".join(dec.feed(t) for t in want) + dec.flush()
+    finally:
+        model.close()
+    argv = [sys.executable, "-m", "llamarpc.frontend.cli", "-m", str(m.path), "-p", "hi", "-n", "6", "--temp", "0",
+            "--ignore-eos", "--no-display-prompt"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == text + "\n" and "/     6 tokens" in r.stderr
+    banned = subprocess.run([*argv, "-l", f"{want[0]}-inf"], capture_output=True, text=True, timeout=120)
+    assert banned.returncode == 0 and banned.stdout != r.stdout     # --logit-bias reaches the one-shot run
 
 
 def _one_error_line(r: subprocess.CompletedProcess, *needles: str) -> None:
