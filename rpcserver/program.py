@@ -199,7 +199,7 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
     def place(v: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
         where[v] = (regions.alloc(max(1, math.prod(shape)) * dtype.itemsize), shape, dtype)
 
-    for i, spec_in in enumerate(plan.inputs):
+    for i in range(len(plan.inputs)):
         if i in caps:
             place(i, (caps[i],), _I32)
         elif i in shapes:
