@@ -132,6 +132,17 @@ def matmul_many(x: np.ndarray, ws: list[QWeight], mode: str = "exact") -> list[n
     return outs
 
 
+def tile_rows(m: int, k: int) -> int:
+    """Weight rows per BLAS tile of a large batch. From the shapes alone, never the thread count
+    (BLAS's sums may depend on a tile's size, and a node must compute the same bits whatever its
+    --threads); >= 4 tiles a matrix, and the tiles balanced: a short last tile (12 rows of SmolLM2's
+    head) sent OpenBLAS down its small-product kernel, whose sums differ from a full tile's, so a
+    row's bits depended on how many rows its call had."""
+    rows = max(16, min(TILE_BYTES // (4 * k), -(-m // 4) + 15 & ~15))
+    n_tiles = -(-m // rows)
+    return max(16, -(-m // n_tiles) + 15 & ~15)
+
+
 def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
     """x[N, k] @ w.T -> float32 [N, m]."""
     qt = TYPES[w.qtype]
@@ -149,9 +160,7 @@ def matmul(x: np.ndarray, w: QWeight, mode: str = "exact") -> np.ndarray:
         return out
     b = w.blocks
     if n > GEMV_MAX_ROWS:
-        # tiles from the shapes alone (never the thread count: BLAS's sums may depend on a tile's
-        # size, and a node must compute the same bits whatever its --threads); >= 4 tiles a matrix
-        rows = max(16, min(TILE_BYTES // (4 * w.k), -(-w.m // 4) + 15 & ~15))
+        rows = tile_rows(w.m, w.k)
         if getattr(lib, f"{qt.kernel}_gemm")(w.address, b.shape[1], w.k, w.m, _ptr(x), n, _ptr(out), rows) == 0:
             return out
         tile = _buf("tile", min(rows, w.m) * w.k, np.float32)   # no BLAS handle: tiles from here
