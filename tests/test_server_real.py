@@ -61,12 +61,13 @@ def test_openai_logprobs(client):
 
 
 def test_eight_concurrent_greedy_requests_equal_each_alone(server):
+    # short prompts, 8 tokens: the point is 8 rows in each decode step, not a long prefill
     prompts = [f"Write a sentence about the number {i}." for i in range(8)]
 
     def ask(p: str) -> str:
-        r = httpx.post(server + "/v1/chat/completions", timeout=120, json={
-            "messages": [{"role": "user", "content": p}], "temperature": 0, "max_tokens": 8, "cache_prompt": False})
-        return r.json()["choices"][0]["message"]["content"]
+        r = httpx.post(server + "/completion", timeout=120, json={
+            "prompt": p, "temperature": 0, "n_predict": 8, "cache_prompt": False})
+        return r.json()["content"]
 
     alone = [ask(p) for p in prompts]
     with cf.ThreadPoolExecutor(8) as ex:
