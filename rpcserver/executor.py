@@ -20,7 +20,7 @@ from llamarpc.proto.types import ACTIVATION_DTYPES, PLAIN_DTYPES, GGMLType
 
 from . import kernels as K
 from . import program, quant
-from .graph import MAX_POOL_WORK, MAX_SYMBOL_VALUE, MIN_SCRATCH, SCRATCH_FACTOR, OpSpec, Plan, TensorSpec
+from .graph import MAX_POOL_WORK, MAX_SYMBOL_VALUE, MIN_SCRATCH, SCRATCH_FACTOR, OpSpec, Plan, TensorSpec, kind_name
 from .memory import Memory
 from .quant import ops as cpu_ops
 from .quant import reference as quant_ref
@@ -228,8 +228,7 @@ def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, i
     return 4 * kept, 4 * transient
 
 
-def _kind_name(kind: int | str) -> str:
-    return pb.OpType.Name(kind) if isinstance(kind, int) else kind
+_kind_name = kind_name
 
 
 def step_bytes(c: Ctx, step: Any) -> tuple[int, int]:
@@ -258,7 +257,8 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
             shapes = {i: (a.shape, a.dtype) for i, a in enumerate(host_inputs)}   # recorded: see below
         elif prog is not None and prog.lock.acquire(blocking=False):   # (busy: this Compute goes step by step)
             try:
-                out = prog.run(plan, lambda values: Ctx(plan, memory, session, mode, values), host_inputs, limit)
+                out = prog.run(plan, KERNELS, lambda values: Ctx(plan, memory, session, mode, values), host_inputs,
+                               limit)
             finally:
                 prog.lock.release()
             if out is not None:

@@ -69,6 +69,11 @@ class Step:
         return self.kind
 
 
+def kind_name(kind: int | str) -> str:
+    """A step kind for messages: the wire op's name, or a fused step's."""
+    return pb.OpType.Name(kind) if isinstance(kind, int) else kind
+
+
 @dataclasses.dataclass
 class Plan:
     inputs: list[InputSpec]

@@ -31,7 +31,7 @@ from llamarpc.proto.errors import InvalidArgument
 from llamarpc.proto.types import GGMLType
 
 from . import quant
-from .graph import Plan, Step
+from .graph import Plan, Step, kind_name
 from .quant import native
 from .quant import ops as cpu_ops
 
@@ -95,8 +95,11 @@ class Program:
         self.arena_bytes = 0
         self.runs = 0                         # Computes this program ran
 
-    def run(self, plan: Plan, ctx_factory: Any, inputs: list[np.ndarray], limit: int) -> dict[str, np.ndarray] | None:
-        """The outputs, or None when this Compute is off the program (then run it step by step)."""
+    def run(self, plan: Plan, kernels: dict, ctx_factory: Any, inputs: list[np.ndarray],
+            limit: int) -> dict[str, np.ndarray] | None:
+        """The outputs, or None when this Compute is off the program (then run it step by step).
+        Python steps run through `kernels` (the executor's op -> kernel table) on `ctx_factory`'s
+        context."""
         lib = native.load()
         for i, a in enumerate(inputs):
             cap = self.caps.get(i)
@@ -124,8 +127,7 @@ class Program:
                 continue
             if c is None:
                 c = ctx_factory(list(self.views))
-            from .executor import KERNELS
-            out = KERNELS[seg.kind](c, seg)
+            out = kernels[seg.kind](c, seg)
             outs = (out,) if len(seg.outs) == 1 else out
             for v, o in zip(seg.outs, outs):
                 view = self.views[v]
@@ -145,7 +147,6 @@ class Program:
 
     @staticmethod
     def _fail(rc: int, steps: list[Step], plan: Plan) -> None:
-        from .executor import _kind_name
         idx, code = rc // 16 - 1, rc % 16
         step = steps[idx] if 0 <= idx < len(steps) else steps[-1]
         if code == 1:
@@ -153,7 +154,7 @@ class Program:
             raise InvalidArgument(f"get_rows: ids must be a 1-d array in [0, {rows})")
         if code == 2:
             m = plan.tensors[step.args[3] - len(plan.inputs)].shape[0]
-            raise InvalidArgument(f"op {step.ops[0]} ({_kind_name(step.kind)}): attention: cells must be in [0, {m})")
+            raise InvalidArgument(f"op {step.ops[0]} ({kind_name(step.kind)}): attention: cells must be in [0, {m})")
         if code == 3:
             raise MemoryError("attention: no memory for the scratch scores")
         raise RuntimeError(f"program: bad record for step {step.ops[0]}")
