@@ -58,6 +58,10 @@ class GraphBuilder:
     def rms_norm(self, x: Value, eps: float) -> Value:
         return self.op(pb.RMS_NORM, x, eps=eps)
 
+    def head_rms_norm(self, x: Value, w: Value, eps: float, head_dim: int) -> Value:
+        """QK-norm: each head's head_dim features of x[N, H*D] RMS-normalized, times w[head_dim]."""
+        return self.op(pb.RMS_NORM, x, w, eps=eps, head_dim=head_dim)
+
     def layer_norm(self, x: Value, eps: float) -> Value:
         return self.op(pb.LAYER_NORM, x, eps=eps)
 
@@ -94,6 +98,9 @@ class GraphBuilder:
 
     def swiglu(self, gate: Value, up: Value) -> Value:
         return self.op(pb.SWIGLU, gate, up)
+
+    def softcap(self, x: Value, cap: float) -> Value:
+        return self.op(pb.SOFTCAP, x, scale=cap)
 
     def softmax(self, x: Value) -> Value:
         return self.op(pb.SOFTMAX, x)

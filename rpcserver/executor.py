@@ -146,6 +146,18 @@ def _pool(c: Ctx, op: OpSpec) -> Any:
     return K.pool(c.xp, x, seq, op.attrs.pooling, n_seq)
 
 
+def _rms_norm(c: Ctx, op: OpSpec) -> Any:
+    x, eps, g = c.arg(op.args[0]), op.attrs.eps, op.attrs.head_dim
+    w = c.arg(op.args[1]) if len(op.args) > 1 else None
+    if g == 0 and w is None:
+        return cpu_ops.rms_norm(x, eps) if c.dev.is_cpu else K.rms_norm(c.xp, x, eps)
+    if not c.dev.is_cpu:
+        return K.rms_norm_groups(c.xp, x, eps, g, w)   # groups of head_dim (QK-norm), times w
+    K.check_groups(x, g, w)
+    g = g or x.shape[1]
+    return cpu_ops.rms_norm(np.reshape(x, (-1, g)), eps, w).reshape(x.shape)
+
+
 def _unary(fn: Callable[[Any, Any], Any]) -> Callable[[Ctx, OpSpec], Any]:
     return lambda c, op: fn(c.xp, c.arg(op.args[0]))
 
@@ -159,8 +171,7 @@ Kernel = Callable[[Ctx, OpSpec], Any]
 # op -> kernel; the device-specific parts (matmul, get_rows) look at the device themselves
 KERNELS: dict[int | str, Kernel] = {
     pb.GET_ROWS: _get_rows,
-    pb.RMS_NORM: lambda c, op: (cpu_ops.rms_norm(c.arg(op.args[0]), op.attrs.eps) if c.dev.is_cpu
-                                else K.rms_norm(c.xp, c.arg(op.args[0]), op.attrs.eps)),
+    pb.RMS_NORM: _rms_norm,
     pb.LAYER_NORM: lambda c, op: K.layer_norm(c.xp, c.arg(op.args[0]), op.attrs.eps),
     pb.MATMUL: _matmul,
     pb.ADD: _binary(K.add),

@@ -54,7 +54,8 @@ def fuse_plan(plan: Plan) -> int:
         if j in done:
             continue
         out = base + j
-        if op.type == pb.RMS_NORM and out not in outputs and len(readers[out]) == 1:
+        if (op.type == pb.RMS_NORM and len(op.args) == 1 and op.attrs.head_dim == 0 and out not in outputs
+                and len(readers[out]) == 1):
             k = readers[out][0]
             m = ops[k]
             if m.type == pb.MUL and m.args[0] == out and norm_weight(m.args[1]) and m.args[1] != out:

@@ -140,6 +140,8 @@ def _check_attrs(op: pb.Op, where: str) -> None:
     t = op.type
     if t in (pb.RMS_NORM, pb.LAYER_NORM) and not (0 < a.eps < 1):
         raise InvalidArgument(f"{where}: eps must be in (0, 1), got {a.eps}")
+    if t == pb.RMS_NORM and not 0 <= a.head_dim <= 1 << 20:
+        raise InvalidArgument(f"{where}: rms_norm head_dim must be in [0, 2^20], got {a.head_dim}")
     if t == pb.SOFTCAP and not a.scale > 0:
         raise InvalidArgument(f"{where}: softcap needs scale > 0")
     if t == pb.ROPE:

@@ -42,6 +42,27 @@ def rms_norm(xp: Any, x: Array, eps: float) -> Array:
     return x / xp.sqrt(ms + eps)
 
 
+def check_groups(x: Array, group: int, w: Array | None) -> None:
+    _rows2d(x, "rms_norm")
+    g = group or x.shape[1]
+    _check(g > 0 and x.shape[1] % g == 0, f"rms_norm: width {x.shape[1]} is not a multiple of head_dim {group}")
+    if w is not None:
+        _check(tuple(w.shape) == (g,), f"rms_norm: weight must be [{g}], got {tuple(w.shape)}")
+
+
+def rms_norm_groups(xp: Any, x: Array, eps: float, group: int, w: Array | None = None) -> Array:
+    """RMS_NORM with attrs.head_dim = group > 0 (QK-norm): each run of `group` features of a row
+    (one attention head) is normalized on its own (group 0: the whole row), then times the
+    optional second operand `w` [group]."""
+    check_groups(x, group, w)
+    n, c = x.shape
+    group = group or c
+    y = rms_norm(xp, xp.reshape(x, (n * (c // group), group)), eps)
+    if w is not None:
+        y = y * w
+    return xp.reshape(y, (n, c))
+
+
 def layer_norm(xp: Any, x: Array, eps: float) -> Array:
     mu = xp.mean(x, axis=-1, keepdims=True)
     d = x - mu
@@ -228,7 +249,7 @@ def pool(xp: Any, x: Array, seq: Array, pooling: int, n_seq: int) -> Array:
 
 
 OP_ARITY: dict[int, tuple[int, int]] = {
-    pb.GET_ROWS: (2, 2), pb.RMS_NORM: (1, 1), pb.LAYER_NORM: (1, 1), pb.MATMUL: (2, 2),
+    pb.GET_ROWS: (2, 2), pb.RMS_NORM: (1, 2), pb.LAYER_NORM: (1, 1), pb.MATMUL: (2, 2),
     pb.ADD: (2, 2), pb.MUL: (2, 2), pb.SCALE: (1, 1), pb.ROPE: (2, 2), pb.ATTENTION: (10, 10),
     pb.SILU: (1, 1), pb.GELU: (1, 1), pb.SWIGLU: (2, 2), pb.SOFTMAX: (1, 1), pb.SOFTCAP: (1, 1),
     pb.POOL: (2, 2),

@@ -308,14 +308,15 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
         if st.kind in ("rms_norm_mul", pb.RMS_NORM):
             x = a[0]
             xs = shape(x)
-            if stored(x) or not f32(x) or not xs or xs[-1] == 0 or math.prod(xs) == 0:
+            kk = (at.head_dim or xs[-1]) if xs else 0    # head_dim > 0: per head (QK-norm)
+            if stored(x) or not f32(x) or not xs or kk <= 0 or xs[-1] % kk or math.prod(xs) == 0:
                 return None
             w = 0
-            if st.kind == "rms_norm_mul":
-                if len(xs) != 2 or not stored(a[1]) or not f32(a[1]) or shape(a[1]) != (xs[1],):
+            if st.kind == "rms_norm_mul" or len(a) > 1:
+                if len(xs) != 2 or not stored(a[1]) or not f32(a[1]) or shape(a[1]) != (kk,):
                     return None
                 w = addr(a[1])
-            return [[PR_RMS, addr(x), math.prod(xs) // xs[-1], xs[-1], w, _f64_bits(at.eps), addr(out)]]
+            return [[PR_RMS, addr(x), math.prod(xs) // kk, kk, w, _f64_bits(at.eps), addr(out)]]
         if st.kind == pb.ROPE:
             x, pos = a[0], a[1]
             xs = shape(x)

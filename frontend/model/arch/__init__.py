@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import llama, qwen2
+from . import gemma3, llama, qwen2
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2}
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3}
 
 
 def get_architecture(name: str) -> ModuleType:
