@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import APIError, error_body, error_response
+from .guard import BodyGuard
 from .routes_llmapi import router as llmapi_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
@@ -83,6 +84,10 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(native_router)
     app.include_router(oai_router)
     app.include_router(llmapi_router)
+    s = state.settings
+    app.add_middleware(BodyGuard, max_body=s.max_body, max_depth=s.max_json_depth)    # after the key check
     app.add_middleware(Gate, state=state)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    # llama-server's CORS: the Origin reflected, with credentials; --cors-origins narrows it
+    app.add_middleware(CORSMiddleware, allow_origins=list(s.cors_origins), allow_credentials=True,
+                       allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     return app

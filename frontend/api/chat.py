@@ -24,6 +24,8 @@ def parse_messages(raw: Any) -> list[dict]:
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise bad_request(f"messages[{i}].role must be a non-empty string")
+        if role not in _ROLES:
+            raise bad_request(f"messages[{i}].role {role!r} is not one of {', '.join(_ROLES)}")
         content = m.get("content")
         if isinstance(content, list):
             parts = []

@@ -254,6 +254,4 @@ def check_context(prompts: list[list[int]], params: TaskParams, n_ctx_slot: int)
         if len(p) >= n_ctx_slot:
             raise bad_request(f"the request exceeds the available context size: the prompt has {len(p)} tokens, "
                               f"the context of a slot is {n_ctx_slot}")
-        if params.n_predict > 0 and len(p) + params.n_predict > n_ctx_slot:
-            raise bad_request(f"the prompt ({len(p)} tokens) plus n_predict ({params.n_predict}) exceeds the "
-                              f"context of a slot ({n_ctx_slot})")
+    # prompt + n_predict beyond the slot runs, as in llama-server, and stops with finish_reason "length"

@@ -2,17 +2,20 @@
 /detokenize, /apply-template."""
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..engine import ErrorEvent, FinalEvent, PartialEvent, TaskParams
 from .chat import parse_messages, render_prompt, template_extra
-from .errors import APIError, bad_request, error_response
+from .checks import generation_settings, pick_fields, prepare_body, tokenize_off_loop
+from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import render_metrics
-from .params import Body, check_context, parse_json, task_params, tokenize_prompt
+from .params import Body, check_context, parse_json, task_params
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
@@ -38,16 +41,17 @@ async def health(request: Request) -> Response:
     if not st.ready:
         return error_response(503, st.load_error or "Loading model", "unavailable_error")
     assert st.engine is not None
+    nodes = st.engine.node_states()     # each node: name, state (attached/lost/removed), layers
     if st.engine.health_error is not None:
-        return error_response(503, st.engine.health_error, "unavailable_error")
-    return JSONResponse({"status": "ok"})
+        return JSONResponse({**error_body(503, st.engine.health_error, "unavailable_error"), "nodes": nodes}, 503)
+    return JSONResponse({"status": "ok", "nodes": nodes})
 
 
 @router.get("/props")
 async def props(request: Request) -> Response:
     st = _ready(request)
     assert st.engine is not None and st.model is not None
-    slot = st.engine.slots[0].to_json()
+    slot = _slot_json(st, st.engine.slots[0])
     slot["params"] = _default_params(st)
     slot["prompt"] = ""
     return JSONResponse({
@@ -63,41 +67,56 @@ async def props(request: Request) -> Response:
 def _default_params(st: ServerState) -> dict:
     from ..engine import TaskParams
     s = st.settings
-    return TaskParams(sampling=s.sampling, n_predict=s.n_predict, ignore_eos=s.ignore_eos,
-                      cache_prompt=s.cache_prompt, model=s.model_name).to_json()
+    assert st.model is not None
+    return generation_settings(TaskParams(sampling=s.sampling, n_predict=s.n_predict, ignore_eos=s.ignore_eos,
+                                          cache_prompt=s.cache_prompt, model=s.model_name), st.model.tokenizer)
+
+
+def _slot_json(st: ServerState, slot) -> dict:  # noqa: ANN001 - engine.Slot
+    """llama-server's /slots entry: `next_token` a list (one entry per sequence), ignore_eos as EOG biases."""
+    out = slot.to_json()
+    if isinstance(out.get("next_token"), dict):
+        out["next_token"] = [out["next_token"]]
+    if slot.task is not None and st.model is not None:
+        out["params"] = generation_settings(slot.task.params, st.model.tokenizer)
+    return out
 
 
 @router.get("/slots")
 async def slots(request: Request) -> Response:
     st = _state(request)
     if not st.settings.slots:
-        return error_response(404, "This server does not support slots endpoint. Start it with `--slots`",
-                              "not_found_error")
+        return error_response(501, "This server does not support slots endpoint. Start it with `--slots`",
+                              "not_supported_error")
     st = _ready(request)
     assert st.engine is not None
     if request.query_params.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in st.engine.slots):
         return error_response(503, "no slot available", "unavailable_error")
-    return JSONResponse([s.to_json() for s in st.engine.slots])
+    return JSONResponse([_slot_json(st, s) for s in st.engine.slots])
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     st = _state(request)
     if not st.settings.metrics:
-        return error_response(404, "This server does not support metrics endpoint. Start it with `--metrics`",
-                              "not_found_error")
+        return error_response(501, "This server does not support metrics endpoint. Start it with `--metrics`",
+                              "not_supported_error")
     st = _ready(request)
     assert st.engine is not None
-    return PlainTextResponse(render_metrics(st.engine), media_type="text/plain; version=0.0.4")
+    return PlainTextResponse(render_metrics(st.engine), media_type="text/plain; version=0.0.4",
+                             headers={"Process-Start-Time-Unix": str(int(st.start_time))})
 
 
 async def start_completion(request: Request) -> tuple[ServerState, Body, TaskParams, Submission]:
     """The shared start of /completion and /v1/completions: parse, tokenize, check, enqueue."""
     st = _ready(request)
     assert st.model is not None and st.engine is not None
-    b = Body(parse_json(await request.body()))
+    b = Body(prepare_body(parse_json(await request.body())))
     params = task_params(b, st)
-    prompts = tokenize_prompt(b.raw("prompt"), st.model.tokenizer)
+    pick_fields({}, b.raw("response_fields"))       # checked before any work
+    if b.raw("prompt") is None:
+        raise bad_request("'prompt' is required")
+    prompts = await tokenize_off_loop(b.raw("prompt"), st.model.tokenizer, st.engine.n_ctx_slot)
     check_context(prompts, params, st.engine.n_ctx_slot)
     sub = Submission(st, request, prompts, params)
     sub.start()
@@ -107,16 +126,34 @@ async def start_completion(request: Request) -> tuple[ServerState, Body, TaskPar
 @router.post("/completion")
 @router.post("/completions")
 async def completion(request: Request) -> Response:
-    st, _, params, sub = await start_completion(request)
-    assert st.engine is not None
+    st, b, params, sub = await start_completion(request)
+    assert st.engine is not None and st.model is not None
+    tok = st.model.tokenizer
+    fields = b.raw("response_fields")
+
+    def final(f: FinalEvent, stream: bool) -> dict:
+        out = native_final(f, st.engine.n_ctx_slot, stream, _detok(st, f.prompt))  # type: ignore[union-attr]
+        out["generation_settings"]["logit_bias"] = generation_settings(f.params, tok)["logit_bias"]
+        return pick_fields(out, fields)
+
     if not params.stream:
-        finals = await _collect(sub)
-        out = [native_final(f, st.engine.n_ctx_slot, False, _detok(st, f.prompt)) for f in finals]
+        out = [final(f, False) for f in await _collect(sub)]
         return JSONResponse(out[0] if len(out) == 1 else out)
+    progress = b.bool("return_progress", False)
+    t0 = time.monotonic()
+    reported: set[int] = set()
+
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
+        head = []
+        if progress and ev.index not in reported:   # llama-server's prompt_progress, once the prompt is in
+            reported.add(ev.index)
+            n_cached = ev.timings.cache_n if ev.timings is not None else 0
+            head.append({"index": ev.index, "content": "", "stop": False, "prompt_progress": {
+                "total": ev.n_prompt, "cache": n_cached, "processed": ev.n_prompt,
+                "time_ms": (time.monotonic() - t0) * 1e3}})
         if isinstance(ev, PartialEvent):
-            return [native_partial(ev, params.post_sampling_probs)]
-        return [native_final(ev, st.engine.n_ctx_slot, True, _detok(st, ev.prompt))]  # type: ignore[union-attr]
+            return [*head, native_partial(ev, params.post_sampling_probs)]
+        return [*head, final(ev, True)]
 
     # one prompt's error does not end the others' streams in a multi-prompt request
     return await stream_events(sub, fmt, stop_on_error=False)
@@ -189,7 +226,8 @@ async def tokenize(request: Request) -> Response:
     if not isinstance(content, str):
         raise bad_request("'content' must be a string")
     tok = st.model.tokenizer
-    ids = tok.encode(content, add_special=b.bool("add_special", False), parse_special=b.bool("parse_special", True))
+    ids = await run_in_threadpool(tok.encode, content, add_special=b.bool("add_special", False),
+                                  parse_special=b.bool("parse_special", True))
     if not b.bool("with_pieces", False):
         return JSONResponse({"tokens": ids})
     out = []

@@ -5,7 +5,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chat import encode_chat, parse_messages, render_prompt, template_extra
+from .chat import parse_messages, render_prompt, template_extra
+from .checks import encode_chat_off_loop
 from .errors import bad_request
 from .formats import (
     chat_completion,
@@ -26,12 +27,7 @@ router = APIRouter()
 @router.get("/v1/models")
 @router.get("/models")
 async def models(request: Request) -> Response:
-    st = _state(request)
-    return JSONResponse({"object": "list", "data": [{
-        "id": st.settings.model_name, "object": "model", "created": st.created, "owned_by": "llamacpp",
-        "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
-        "meta": st.model_meta() if st.ready else None,
-    }]})
+    return JSONResponse(_state(request).models_json())
 
 
 @router.post("/v1/completions")
@@ -63,7 +59,8 @@ async def chat_completions(request: Request) -> Response:
     if body.get("response_format") not in (None, {"type": "text"}):
         raise bad_request("'response_format' (grammar-constrained output) is not supported by this server")
     params = task_params(b, st, oai_chat=True)
-    prompt = encode_chat(st.model.tokenizer, render_prompt(st, messages, template_extra(body)))
+    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, template_extra(body)),
+                                        st.engine.n_ctx_slot)
     if not prompt:
         raise bad_request("the chat template rendered an empty prompt")
     check_context([prompt], params, st.engine.n_ctx_slot)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ Loader = Callable[[], tuple[Model, Engine]]   # load the model, start its engine
 
 @dataclasses.dataclass
 class Listen:
-    host: str = "127.0.0.1"
+    hosts: tuple[str, ...] = ("127.0.0.1",)    # --host a,b: one socket per address, all on `port`
     port: int = 8080
     ssl_keyfile: str | None = None
     ssl_certfile: str | None = None
@@ -42,11 +43,12 @@ class Server:
         self.state = ServerState(settings)
         self.app = create_app(self.state)
         self.config = uvicorn.Config(
-            self.app, host=listen.host, port=listen.port, ssl_keyfile=listen.ssl_keyfile,
+            self.app, host=listen.hosts[0], port=listen.port, ssl_keyfile=listen.ssl_keyfile,
             ssl_certfile=listen.ssl_certfile, log_level="debug" if listen.verbose else "warning",
             access_log=bool(listen.verbose), lifespan="off", timeout_keep_alive=5)
         self.uvicorn = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
+        self._sockets: list[socket.socket] | None = None
         self._loader = threading.Thread(target=self._load, name="llamarpc-loader", daemon=True)
 
     def _load(self) -> None:
@@ -60,19 +62,48 @@ class Server:
         self.state.attach(model, engine)
         lst = self.listen
         log.info("model loaded: %d slots of %d tokens; listening on %s://%s:%d", len(engine.slots),
-                 engine.n_ctx_slot, "https" if lst.ssl_certfile else "http", lst.host, lst.port)
+                 engine.n_ctx_slot, "https" if lst.ssl_certfile else "http", ",".join(lst.hosts), lst.port)
+
+    def bind(self) -> list[socket.socket]:
+        """One listening socket per --host address (an OSError names the address that failed)."""
+        if self._sockets is None:
+            socks: list[socket.socket] = []
+            try:
+                for host in self.listen.hosts:
+                    h = host.strip("[]")
+                    infos = socket.getaddrinfo(h, self.listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+                    family, _, _, _, addr = infos[0]
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        s.bind(addr)
+                    except OSError as e:
+                        s.close()
+                        raise OSError(f"cannot listen on {host}:{self.listen.port}: {e.strerror or e}") from None
+                    s.listen(2048)
+                    s.set_inheritable(True)
+                    socks.append(s)
+            except (OSError, socket.gaierror) as e:
+                for s in socks:
+                    s.close()
+                raise OSError(str(e)) from None
+            self._sockets = socks
+        return self._sockets
 
     def run(self) -> int:
+        sockets = self.bind()
         self._loader.start()
         try:
-            self.uvicorn.run()
+            self.uvicorn.run(sockets=sockets)
         finally:
             self._shutdown()
         return 0 if self.state.load_error is None else 1
 
     def start(self, timeout: float = 120.0) -> None:
+        sockets = self.bind()
         self._loader.start()
-        self._thread = threading.Thread(target=self.uvicorn.run, name="llamarpc-http", daemon=True)
+        self._thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": sockets}, name="llamarpc-http",
+                                        daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not (self.uvicorn.started and self.state.ready):

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ServerSettings:
     model_path: str
-    alias: str = ""
+    aliases: tuple[str, ...] = ()           # --alias a,b: /v1/models lists each
     n_parallel: int = 1
     n_predict: int = -1
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
@@ -29,10 +29,13 @@ class ServerSettings:
     timeout: float = 600.0
     cache_prompt: bool = True
     ignore_eos: bool = False
+    cors_origins: tuple[str, ...] = ("*",)  # '*' reflects any Origin, with credentials (as llama-server)
+    max_body: int = 4 << 20                 # bytes; a larger request body is a 413
+    max_json_depth: int = 64                # deeper nesting is a 400
 
     @property
     def model_name(self) -> str:
-        return self.alias or self.model_path
+        return self.aliases[0] if self.aliases else self.model_path
 
 
 class ServerState:
@@ -44,6 +47,7 @@ class ServerState:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.created = int(time.time())
+        self.start_time = time.time()
         self.on_ready: list[Callable[[], None]] = []
 
     @property
@@ -63,6 +67,20 @@ class ServerState:
         if self.model is not None and self.model.chat_template:
             return self.model.chat_template
         return CHATML_TEMPLATE
+
+    def models_json(self) -> dict:
+        """/v1/models and /models as llama-server answers both: `data` (OpenAI's list, one entry per
+        --alias name) and `models` (the Ollama-style array)."""
+        names = list(self.settings.aliases) or [self.settings.model_path]
+        meta = self.model_meta() if self.ready else None
+        data = [{"id": n, "aliases": names, "object": "model", "created": self.created, "owned_by": "llamacpp",
+                 "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]}, "meta": meta}
+                for n in names]
+        models = [{"name": n, "model": n, "modified_at": "", "size": "", "digest": "", "type": "model",
+                   "description": "", "tags": [""], "capabilities": ["completion"], "parameters": "",
+                   "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
+                               "parameter_size": "", "quantization_level": ""}} for n in names]
+        return {"models": models, "object": "list", "data": data}
 
     def model_meta(self) -> dict:
         m = self.model

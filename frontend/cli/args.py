@@ -1,133 +1,187 @@
-"""The ``llamarpc`` command line: one parser for the one-shot mode (``-p`` / ``--chat``) and the
-server, flags named as llama.cpp / llama-server / llama-box name them, each also read from its
-LLAMA_ARG_* environment variable (a flag given on the command line wins). Nothing heavy is
-imported here: numpy comes only after the BLAS thread limit is set."""
+"""The ``llamarpc`` command line as one table of flags (`FLAGS`), for both modes: one-shot
+generation (``-p`` / ``--chat``) and the HTTP server (neither). Flags are named as llama.cpp /
+llama-server / llama-box name them and read the same LLAMA_ARG_* variables; llamarpc's own flags
+read LLAMARPC_* ones. The table goes through the shared argument layer (`proto.cliargs`): ranges
+checked at parse time, no abbreviations, llama-server flags without an effect here accepted with a
+note, the help text generated from the table. Nothing heavy is imported here: numpy comes only
+after the BLAS thread limit is set."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from llamarpc.proto.cliargs import Flag, FlagParser, existing_file, number_list, ranged, read_file
 
 if TYPE_CHECKING:
     from ..sampling import SamplingParams
 
-DESCRIPTION = """``llamarpc``: one-shot generation (``-p`` / ``--chat``), like llama-cli.
+DESCRIPTION = """llamarpc: run a GGUF model, in process or with its layers on llamarpc-server nodes (--rpc).
 
-Flags follow llama.cpp's names; each also reads its LLAMA_ARG_* environment variable.
+modes:
+  one-shot   llamarpc -m MODEL.gguf -p "PROMPT" [-n 64]     continue PROMPT and print it (like llama-cli)
+             llamarpc -m MODEL.gguf --chat "QUESTION"       answer through the model's chat template
+  server     llamarpc -m MODEL.gguf [--port 8080] [-np 4]   (no -p / --chat) the HTTP server: llama.cpp's
+             server API, OpenAI's and llm-api's (like llama-server)
+
+Here -p is the prompt, -m the model and -c the context size, as in llama.cpp; on llamarpc-server
+(the compute node) -p is the port, -m --reserve-memory and -c --cache-dir, as in llama.cpp's rpc-server.
 """
 
-
-def _env(name: str, default: object = None) -> object:
-    return os.environ.get(f"LLAMA_ARG_{name}", default)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    v = os.environ.get(f"LLAMA_ARG_{name}")
-    if v is None:
-        return default
-    return v.strip().lower() in ("1", "true", "on", "enabled", "yes")
+SERVER = "server (without -p / --chat)"
+SAMPLING = "sampling (the one-shot run's, and the server's defaults: a request may override each)"
+NO_EFFECT = "llama-server flags with no effect here (accepted, with a note)"
+_INT = ranged(int)
+_POS = ranged(int, 1)
+_NONNEG = ranged(int, 0)
+_FLOAT = ranged(float)
+_NONNEG_F = ranged(float, 0.0)
 
 
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("server (without -p / --chat)")
-    g.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (LLAMA_ARG_HOST)")
-    g.add_argument("--port", type=int, default=int(_env("PORT", 8080)), help="port to listen on (LLAMA_ARG_PORT)")
-    g.add_argument("-np", "--parallel", type=int, default=int(_env("N_PARALLEL", 1)),
-                   help="slots; each gets ctx-size / parallel of the context (LLAMA_ARG_N_PARALLEL)")
-    g.add_argument("-ub", "--ubatch-size", type=int, default=int(_env("UBATCH", 512)),
-                   help="physical maximum batch size: tokens per forward (LLAMA_ARG_UBATCH)")
-    g.add_argument("-pc", "--prefill-chunk", type=int, default=int(_env("PREFILL_CHUNK", 0)),
-                   help="prompt tokens per step while other slots decode; 0 = sized from measured step times so "
-                        "a step takes about 1.4 decode-only steps (LLAMA_ARG_PREFILL_CHUNK)")
-    g.add_argument("-to", "--timeout", type=float, default=float(_env("TIMEOUT", 600)),
-                   help="seconds a request may wait for its next result (LLAMA_ARG_TIMEOUT)")
-    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="API key (repeatable, or comma-separated); Bearer auth on all but /health (LLAMA_API_KEY)")
-    g.add_argument("--api-key-file", default=_env("API_KEY_FILE"),
-                   help="file with API keys, one per line, '#' comments (LLAMA_ARG_API_KEY_FILE)")
-    g.add_argument("--ssl-key-file", default=_env("SSL_KEY_FILE"), help="PEM private key for HTTPS")
-    g.add_argument("--ssl-cert-file", default=_env("SSL_CERT_FILE"), help="PEM certificate for HTTPS")
-    g.add_argument("--metrics", action="store_true", default=_env_bool("ENDPOINT_METRICS", False),
-                   help="enable GET /metrics (LLAMA_ARG_ENDPOINT_METRICS)")
-    g.add_argument("--slots", dest="slots", action="store_true", default=_env_bool("ENDPOINT_SLOTS", False),
-                   help="enable GET /slots (LLAMA_ARG_ENDPOINT_SLOTS)")
-    g.add_argument("--no-slots", dest="slots", action="store_false")
-    g.add_argument("--chat-template-file", default=_env("CHAT_TEMPLATE_FILE"),
-                   help="file with a jinja chat template (LLAMA_ARG_CHAT_TEMPLATE_FILE)")
-    g.add_argument("-a", "--alias", default=_env("ALIAS", _env("MODEL_ALIAS", "")),
-                   help="model name the API reports (LLAMA_ARG_ALIAS or llama-box's LLAMA_ARG_MODEL_ALIAS)")
-    g.add_argument("--cache-prompt", dest="cache_prompt", action="store_true",
-                   default=_env_bool("CACHE_PROMPT", True), help="reuse a slot's cached prompt prefix (default)")
-    g.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false")
-    s = p.add_argument_group("sampling (the one-shot run's, and the server's defaults: a request may override each)")
-    s.add_argument("--repeat-last-n", type=int, default=64)
-    s.add_argument("--repeat-penalty", type=float, default=float(_env("REPEAT_PENALTY", 1.0)))
-    s.add_argument("--presence-penalty", type=float, default=float(_env("PRESENCE_PENALTY", 0.0)))
-    s.add_argument("--frequency-penalty", type=float, default=float(_env("FREQUENCY_PENALTY", 0.0)))
-    s.add_argument("--typical", type=float, default=1.0)
-    s.add_argument("--top-nsigma", type=float, default=-1.0)
-    s.add_argument("--xtc-probability", type=float, default=0.0)
-    s.add_argument("--xtc-threshold", type=float, default=0.1)
-    s.add_argument("--dynatemp-range", type=float, default=0.0)
-    s.add_argument("--dynatemp-exp", type=float, default=1.0)
-    s.add_argument("--mirostat", type=int, default=0)
-    s.add_argument("--mirostat-lr", type=float, default=0.1)
-    s.add_argument("--mirostat-ent", type=float, default=5.0)
-    s.add_argument("--dry-multiplier", type=float, default=0.0)
-    s.add_argument("--dry-base", type=float, default=1.75)
-    s.add_argument("--dry-allowed-length", type=int, default=2)
-    s.add_argument("--dry-penalty-last-n", type=int, default=-1)
-    s.add_argument("--dry-sequence-breaker", action="append", default=None)
-    s.add_argument("--samplers", default=None, help="sampler order, ';'-separated names")
-    s.add_argument("--sampling-seq", default=None, help="sampler order as characters, e.g. edskypmxt")
-    s.add_argument("-l", "--logit-bias", action="append", default=None, metavar="TOKEN_ID(+/-)BIAS")
+def _a(name: str) -> str:
+    return f"LLAMA_ARG_{name}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llamarpc", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", "--model", default=_env("MODEL"), help="GGUF model file (LLAMA_ARG_MODEL)")
-    p.add_argument("-p", "--prompt", default=None, help="prompt to continue (one-shot mode)")
-    p.add_argument("--chat", default=None, metavar="QUESTION",
-                   help="one-shot chat: render QUESTION with the model's chat template, print the answer")
-    p.add_argument("-sys", "--system-prompt", default=None, help="system message for --chat")
-    p.add_argument("--chat-template", default=_env("CHAT_TEMPLATE"), help="jinja chat template to use instead of the model's")
-    p.add_argument("-n", "--n-predict", type=int, default=int(_env("N_PREDICT", -1)),
-                   help="tokens to generate, -1 = until end of generation (LLAMA_ARG_N_PREDICT)")
-    p.add_argument("-c", "--ctx-size", type=int, default=int(_env("CTX_SIZE", 0)),
-                   help="context size, 0 = min(training context, 4096) (LLAMA_ARG_CTX_SIZE)")
-    p.add_argument("-ctk", "--cache-type-k", choices=["f32", "f16"], default=_env("CACHE_TYPE_K", "f32"),
-                   help="KV cache type for K (LLAMA_ARG_CACHE_TYPE_K; K and V share one type here)")
-    p.add_argument("-ctv", "--cache-type-v", choices=["f32", "f16"], default=_env("CACHE_TYPE_V", None),
-                   help="KV cache type for V (default: the K type; must equal it)")
-    p.add_argument("-b", "--batch-size", type=int, default=int(_env("BATCH", 512)), help="prompt tokens per step")
-    p.add_argument("-t", "--threads", type=int, default=int(_env("THREADS", 0)),
-                   help="BLAS threads, 0 = all cores (LLAMA_ARG_THREADS)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed, -1 = random")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
-    p.add_argument("--no-display-prompt", action="store_true", help="print only the generated text")
-    p.add_argument("--rpc", default=_env("RPC"), metavar="HOST:PORT,...",
-                   help="compute nodes (llamarpc-server) to place the layers on (LLAMA_ARG_RPC)")
-    p.add_argument("-ts", "--tensor-split", default=_env("TENSOR_SPLIT"), metavar="N0,N1,...",
-                   help="share of layers per node, e.g. 3,1 (default: by free memory)")
-    p.add_argument("--rpc-token-file", default=os.environ.get("LLAMARPC_AUTH_TOKEN_FILE"),
-                   help="file with the nodes' shared secret")
-    p.add_argument("--rpc-tls-ca", default=os.environ.get("LLAMARPC_TLS_CA"),
-                   help="PEM CA/certificate to verify TLS nodes (enables TLS)")
-    p.add_argument("--device", default=os.environ.get("LLAMARPC_DEVICE", "cpu"),
-                   help="device of the in-process node: cpu or cuda:N (cupy; not yet verified on hardware)")
-    p.add_argument("--matmul", choices=("exact", "fast", "reference"), default=os.environ.get("LLAMARPC_MATMUL", "exact"),
-                   help="in-process node: multiply by quantized weights with float32 activations (exact, the default), "
-                        "8-bit activations (fast, as llama.cpp) or numpy (reference)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_server_args(p)
-    return p
+def _r(name: str) -> str:
+    return f"LLAMARPC_{name}"
+
+
+def _gpu(*names: str, env: str, why: str = "layers run where --rpc / --device place them", value: bool = True,
+         metavar: str = "N", nargs: str | None = None) -> Flag:
+    return Flag(names, type=str if value else None, env=env, group=NO_EFFECT, ignored=why, metavar=metavar,
+                nargs=nargs)
+
+
+FLAGS: list[Flag] = [
+    Flag(("-m", "--model"), "GGUF model file (required)", existing_file, env=_a("MODEL"), metavar="FNAME"),
+    Flag(("-p", "--prompt"), "prompt to continue (one-shot mode)"),
+    Flag(("--chat",), "one-shot chat: render QUESTION with the model's chat template, print the answer",
+         metavar="QUESTION"),
+    Flag(("-sys", "--system-prompt"), "system message for --chat (and llm-api's /chat)"),
+    Flag(("--chat-template",), "jinja chat template to use instead of the model's ('chatml' for ChatML)",
+         env=_a("CHAT_TEMPLATE"), metavar="JINJA"),
+    Flag(("--chat-template-file",), "file with a jinja chat template", env=_a("CHAT_TEMPLATE_FILE"),
+         metavar="FNAME"),
+    Flag(("-n", "--n-predict"), "tokens to generate: -1 = until end of generation, -2 = until the context is full "
+         "(the same here: there is no context shift)", ranged(int, -2), -1, env=_a("N_PREDICT"), metavar="N"),
+    Flag(("-c", "--ctx-size"), "context size, 0 = min(training context, 4096)", _NONNEG, 0, env=_a("CTX_SIZE"),
+         metavar="N"),
+    Flag(("-ctk", "--cache-type-k"), "KV cache type for K (K and V share one type here)", str, "f32",
+         env=_a("CACHE_TYPE_K"), choices=("f32", "f16"), metavar="TYPE"),
+    Flag(("-ctv", "--cache-type-v"), "KV cache type for V (default: the K type; must equal it)", str, None,
+         env=_a("CACHE_TYPE_V"), choices=("f32", "f16"), metavar="TYPE"),
+    Flag(("-b", "--batch-size"), "logical batch: prompt tokens per step", _POS, 512, env=_a("BATCH"), metavar="N"),
+    Flag(("-ub", "--ubatch-size"), "physical batch: tokens per forward", _POS, 512, env=_a("UBATCH"), metavar="N"),
+    Flag(("-t", "--threads"), "threads of BLAS and the in-process node, 0 = all cores", _NONNEG, 0,
+         env=_a("THREADS"), metavar="N"),
+    Flag(("-s", "--seed"), "RNG seed, -1 = random", ranged(int, -1, 2**32 - 1), -1, env=_a("SEED"), metavar="N"),
+    Flag(("--ignore-eos",), "keep generating past end-of-generation tokens (bans them)", None, False,
+         env=_a("IGNORE_EOS")),
+    Flag(("--no-display-prompt",), "one-shot: print only the generated text", None, False),
+    Flag(("--rpc",), "compute nodes (llamarpc-server) to place the layers on", env=_a("RPC"),
+         metavar="HOST:PORT,..."),
+    Flag(("-ts", "--tensor-split"), "share of layers per node, e.g. 3,1 (default: by free memory)", number_list,
+         env=_a("TENSOR_SPLIT"), metavar="N0,N1,..."),
+    Flag(("--rpc-token-file",), "file with the nodes' shared secret", env=_r("AUTH_TOKEN_FILE"), metavar="FNAME"),
+    Flag(("--rpc-tls-ca",), "PEM CA/certificate to verify TLS nodes (enables TLS)", env=_r("TLS_CA"),
+         metavar="FNAME"),
+    Flag(("--device",), "device of the in-process node: cpu or cuda:N (cupy)", str, "cpu", env=_r("DEVICE")),
+    Flag(("--matmul",), "in-process node: multiply by quantized weights with float32 activations (exact), "
+         "8-bit activations (fast, as llama.cpp) or numpy (reference)", str, "exact", env=_r("MATMUL"),
+         choices=("exact", "fast", "reference")),
+    Flag(("-v", "--verbose"), "debug logging", None, False, env=_a("VERBOSE")),
+    # the server
+    Flag(("--host",), "address(es) to listen on, comma-separated", str, "127.0.0.1", env=_a("HOST"),
+         group=SERVER),
+    Flag(("--port",), "port to listen on", ranged(int, 0, 65535), 8080, env=_a("PORT"), group=SERVER),
+    Flag(("-np", "--parallel"), "slots; each gets ctx-size / parallel of the context", _POS, 1,
+         env=_a("N_PARALLEL"), group=SERVER, metavar="N"),
+    Flag(("-pc", "--prefill-chunk"), "prompt tokens per step while other slots decode; 0 = sized from measured "
+         "step times so a step takes about 1.4 decode-only steps", _NONNEG, 0, env=_r("PREFILL_CHUNK"),
+         group=SERVER, metavar="N"),
+    Flag(("-to", "--timeout"), "seconds a request may wait for its next result", ranged(float, 0.001), 600.0,
+         env=_a("TIMEOUT"), group=SERVER, metavar="S"),
+    Flag(("--api-key",), "API key (repeatable, or comma-separated); Bearer auth on all but /health",
+         str, None, env="LLAMA_API_KEY", append=True, group=SERVER, metavar="KEY"),
+    Flag(("--api-key-file",), "file with API keys, one per line, '#' comments", env=_a("API_KEY_FILE"),
+         group=SERVER, metavar="FNAME"),
+    Flag(("--ssl-key-file",), "PEM private key for HTTPS", env=_a("SSL_KEY_FILE"), group=SERVER, metavar="FNAME"),
+    Flag(("--ssl-cert-file",), "PEM certificate for HTTPS", env=_a("SSL_CERT_FILE"), group=SERVER,
+         metavar="FNAME"),
+    Flag(("--metrics",), "enable GET /metrics", None, False, env=_a("ENDPOINT_METRICS"), group=SERVER),
+    Flag(("--slots",), "enable GET /slots", None, False, env=_a("ENDPOINT_SLOTS"), group=SERVER),
+    Flag(("--no-slots",), "disable GET /slots (the default)", None, env=_a("NO_ENDPOINT_SLOTS"), dest="slots",
+         store=False, group=SERVER),
+    Flag(("-a", "--alias"), "model name(s) the API reports, comma-separated (llama-box: LLAMA_ARG_MODEL_ALIAS)",
+         str, "", env=_a("ALIAS"), group=SERVER, metavar="NAME,..."),
+    Flag(("--cache-prompt",), "reuse a slot's cached prompt prefix (the default)", None, True,
+         env=_a("CACHE_PROMPT"), group=SERVER),
+    Flag(("--no-cache-prompt",), "do not reuse cached prompt prefixes", None, dest="cache_prompt", store=False,
+         group=SERVER),
+    Flag(("--cors-origins",), "origins a browser may call from, comma-separated; '*' reflects any origin with "
+         "credentials, as llama-server does", str, "*", env=_a("CORS_ORIGINS"), group=SERVER, metavar="ORIGIN,..."),
+    Flag(("--max-body",), "largest request body in bytes (a larger one is a 413)", ranged(int, 1024), 4 << 20,
+         env=_r("MAX_BODY"), group=SERVER, metavar="BYTES"),
+    Flag(("--max-json-depth",), "deepest nesting of a request's JSON (deeper is a 400)", ranged(int, 2, 1000), 64,
+         env=_r("MAX_JSON_DEPTH"), group=SERVER, metavar="N"),
+    # sampling
+    Flag(("--temp",), "temperature, 0 = greedy", _NONNEG_F, 0.8, env=_a("TEMP"), group=SAMPLING, metavar="T"),
+    Flag(("--top-k",), "", _NONNEG, 40, env=_a("TOP_K"), group=SAMPLING, metavar="N"),
+    Flag(("--top-p",), "", ranged(float, 0.0, 1.0), 0.95, env=_a("TOP_P"), group=SAMPLING, metavar="P"),
+    Flag(("--min-p",), "", ranged(float, 0.0, 1.0), 0.05, env=_a("MIN_P"), group=SAMPLING, metavar="P"),
+    Flag(("--repeat-last-n",), "", ranged(int, -1), 64, env=_a("REPEAT_LAST_N"), group=SAMPLING, metavar="N"),
+    Flag(("--repeat-penalty",), "", _NONNEG_F, 1.0, env=_a("REPEAT_PENALTY"), group=SAMPLING, metavar="X"),
+    Flag(("--presence-penalty",), "", _FLOAT, 0.0, env=_a("PRESENCE_PENALTY"), group=SAMPLING, metavar="X"),
+    Flag(("--frequency-penalty",), "", _FLOAT, 0.0, env=_a("FREQUENCY_PENALTY"), group=SAMPLING, metavar="X"),
+    Flag(("--typical",), "", ranged(float, 0.0, 1.0), 1.0, env=_a("TYPICAL"), group=SAMPLING, metavar="P"),
+    Flag(("--top-nsigma",), "", _FLOAT, -1.0, env=_a("TOP_NSIGMA"), group=SAMPLING, metavar="N"),
+    Flag(("--xtc-probability",), "", ranged(float, 0.0, 1.0), 0.0, env=_a("XTC_PROBABILITY"), group=SAMPLING,
+         metavar="P"),
+    Flag(("--xtc-threshold",), "", ranged(float, 0.0, 1.0), 0.1, env=_a("XTC_THRESHOLD"), group=SAMPLING,
+         metavar="P"),
+    Flag(("--dynatemp-range",), "", _NONNEG_F, 0.0, env=_a("DYNATEMP_RANGE"), group=SAMPLING, metavar="X"),
+    Flag(("--dynatemp-exp",), "", _NONNEG_F, 1.0, env=_a("DYNATEMP_EXP"), group=SAMPLING, metavar="X"),
+    Flag(("--mirostat",), "0 off, 1 or 2", ranged(int, 0, 2), 0, env=_a("MIROSTAT"), group=SAMPLING, metavar="N"),
+    Flag(("--mirostat-lr",), "", _NONNEG_F, 0.1, env=_a("MIROSTAT_LR"), group=SAMPLING, metavar="ETA"),
+    Flag(("--mirostat-ent",), "", _NONNEG_F, 5.0, env=_a("MIROSTAT_ENT"), group=SAMPLING, metavar="TAU"),
+    Flag(("--dry-multiplier",), "", _NONNEG_F, 0.0, env=_a("DRY_MULTIPLIER"), group=SAMPLING, metavar="X"),
+    Flag(("--dry-base",), "", ranged(float, 1.0), 1.75, env=_a("DRY_BASE"), group=SAMPLING, metavar="X"),
+    Flag(("--dry-allowed-length",), "", _NONNEG, 2, env=_a("DRY_ALLOWED_LENGTH"), group=SAMPLING, metavar="N"),
+    Flag(("--dry-penalty-last-n",), "", ranged(int, -1), -1, env=_a("DRY_PENALTY_LAST_N"), group=SAMPLING,
+         metavar="N"),
+    Flag(("--dry-sequence-breaker",), "repeatable", str, None, env=_a("DRY_SEQUENCE_BREAKER"), append=True,
+         group=SAMPLING, metavar="STR"),
+    Flag(("--samplers",), "sampler order, ';'-separated names", env=_a("SAMPLERS"), group=SAMPLING,
+         metavar="NAMES"),
+    Flag(("--sampling-seq",), "sampler order as characters, e.g. edskypmxt", env=_a("SAMPLING_SEQ"),
+         group=SAMPLING, metavar="CHARS"),
+    Flag(("-l", "--logit-bias"), "repeatable", str, None, env=_a("LOGIT_BIAS"), append=True, group=SAMPLING,
+         metavar="TOKEN_ID(+/-)BIAS"),
+    # llama-server's flags that have no effect here
+    _gpu("-ngl", "--gpu-layers", "--n-gpu-layers", env=_a("N_GPU_LAYERS")),
+    _gpu("-sm", "--split-mode", env=_a("SPLIT_MODE"), why="layers are split by -ts over --rpc nodes",
+         metavar="MODE"),
+    _gpu("-mg", "--main-gpu", env=_a("MAIN_GPU")),
+    _gpu("-dev", env=_a("DEVICE"), why="the nodes' devices are theirs; --device picks the in-process node's",
+         metavar="DEVS"),
+    _gpu("-fa", "--flash-attn", env=_a("FLASH_ATTN"), why="the nodes' attention kernel is fixed", metavar="on|off|auto",
+         nargs="?"),
+    _gpu("--mlock", env=_a("MLOCK"), why="weights live on the nodes", value=False),
+    _gpu("--no-mmap", env=_a("NO_MMAP"), why="the model file is read once, as it is sent", value=False),
+    _gpu("-nkvo", "--no-kv-offload", env=_a("NO_KV_OFFLOAD"), why="the KV cache lives on the nodes", value=False),
+    _gpu("--numa", env=_a("NUMA"), why="threads are the nodes' (--threads)", metavar="TYPE"),
+    _gpu("-tb", "--threads-batch", env=_a("THREADS_BATCH"), why="-t sets every thread pool"),
+    _gpu("-cb", "--cont-batching", env=_a("CONT_BATCHING"), why="batching is always continuous", value=False),
+    _gpu("--jinja", env=_a("JINJA"), why="chat templates are always jinja", value=False),
+    _gpu("--no-webui", env=_a("NO_WEBUI"), why="there is no web UI", value=False),
+    _gpu("--threads-http", env=_a("THREADS_HTTP"), why="the HTTP server is asynchronous"),
+    _gpu("-md", "--model-draft", env=_a("MODEL_DRAFT"), why="speculative decoding is not supported",
+         metavar="FNAME"),
+]
+
+
+def build_parser() -> FlagParser:
+    return FlagParser("llamarpc", DESCRIPTION, FLAGS)
 
 
 def _logit_bias(specs: list[str] | None) -> tuple[tuple[int, float], ...]:
@@ -170,5 +224,5 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 def chat_template_from_args(args: argparse.Namespace) -> str | None:
     """--chat-template-file's text, else --chat-template, else None (the model's own)."""
     if args.chat_template_file:
-        return Path(args.chat_template_file).read_text()
+        return read_file("--chat-template-file", args.chat_template_file)
     return args.chat_template

@@ -14,7 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.model:
-        print("llamarpc: error: -m/--model is required", file=sys.stderr)
+        print("llamarpc: error: -m/--model is required (or LLAMA_ARG_MODEL)", file=sys.stderr)
         return 2
     if args.prompt is None and args.chat is None:
         from .server import serve

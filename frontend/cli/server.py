@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
+import sys
 from typing import TYPE_CHECKING
 
+from llamarpc.proto.cliargs import CLIError, read_file
+
 from .args import chat_template_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, set_threads
+from .setup import engine_config, load_from_args, rpc_secrets, set_threads
 
 if TYPE_CHECKING:
     from ..api.server import Server
@@ -20,10 +21,10 @@ log = logging.getLogger(__name__)
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     keys: list[str] = []
-    for k in args.api_key or ([os.environ["LLAMA_API_KEY"]] if os.environ.get("LLAMA_API_KEY") else []):
+    for k in args.api_key or []:
         keys += [x.strip() for x in k.split(",") if x.strip()]
     if args.api_key_file:
-        for line in Path(args.api_key_file).read_text().splitlines():
+        for line in read_file("--api-key-file", args.api_key_file).splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 keys.append(line)
@@ -36,15 +37,20 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
     sampling = sampling_from_args(args)
     template = chat_template_from_args(args)
-    if args.parallel < 1:
-        raise ValueError("--parallel must be at least 1")
     if bool(args.ssl_key_file) != bool(args.ssl_cert_file):
-        raise ValueError("--ssl-key-file and --ssl-cert-file go together")
+        raise CLIError("--ssl-key-file and --ssl-cert-file go together")
+    for flag, path in (("--ssl-key-file", args.ssl_key_file), ("--ssl-cert-file", args.ssl_cert_file)):
+        if path:
+            read_file(flag, path, binary=True)
+    if args.rpc:
+        rpc_secrets(args)
+    aliases = tuple(a.strip() for a in (args.alias or "").split(",") if a.strip())
+    origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
     return ServerSettings(
-        model_path=args.model, alias=args.alias or "", n_parallel=args.parallel, n_predict=args.n_predict,
+        model_path=args.model, aliases=aliases, n_parallel=args.parallel, n_predict=args.n_predict,
         sampling=sampling, chat_template=template, system_prompt=args.system_prompt, api_keys=_api_keys(args),
         metrics=args.metrics, slots=args.slots, timeout=args.timeout, cache_prompt=args.cache_prompt,
-        ignore_eos=args.ignore_eos)
+        ignore_eos=args.ignore_eos, cors_origins=origins, max_body=args.max_body, max_json_depth=args.max_json_depth)
 
 
 def make_server(args: argparse.Namespace) -> Server:
@@ -59,7 +65,10 @@ def make_server(args: argparse.Namespace) -> Server:
         engine.start()
         return model, engine
 
-    listen = Listen(host=args.host, port=args.port, ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file,
+    hosts = tuple(h.strip() for h in args.host.split(",") if h.strip())
+    if not hosts:
+        raise CLIError("--host needs at least one address")
+    listen = Listen(hosts=hosts, port=args.port, ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file,
                     verbose=args.verbose)
     return Server(settings_from_args(args), listen, load)
 
@@ -68,7 +77,8 @@ def serve(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     try:
         server = make_server(args)
+        server.bind()
     except (ValueError, OSError) as e:
-        log.error("%s", e)
+        print(f"llamarpc: error: {e}", file=sys.stderr)
         return 2
     return server.run()

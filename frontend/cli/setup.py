@@ -3,8 +3,9 @@ KV cache type, the model loaded and placed, the engine's configuration."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from llamarpc.proto.cliargs import CLIError, read_file
 
 if TYPE_CHECKING:   # numpy (under proto.types) is imported only after the BLAS thread limit is set
     from llamarpc.proto.types import GGMLType
@@ -32,6 +33,15 @@ def kv_cache_type(args: argparse.Namespace) -> GGMLType:
     return GGMLType.F16 if k == "f16" else GGMLType.F32
 
 
+def rpc_secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
+    """--rpc-token-file's token and --rpc-tls-ca's certificate (a CLIError names a bad file)."""
+    token = read_file("--rpc-token-file", args.rpc_token_file).strip() if args.rpc_token_file else None
+    if token == "":
+        raise CLIError(f"--rpc-token-file {args.rpc_token_file}: the file is empty")
+    ca = read_file("--rpc-tls-ca", args.rpc_tls_ca, binary=True) if args.rpc_tls_ca else None
+    return token, ca
+
+
 def make_backends(args: argparse.Namespace) -> list:
     """The --rpc nodes, or one in-process node (--device, --matmul) when there are none."""
     if not args.rpc:
@@ -40,8 +50,7 @@ def make_backends(args: argparse.Namespace) -> list:
         return [LocalBackend(args.device, matmul_mode=args.matmul)]
     from llamarpc.client.remote import RemoteBackend
 
-    token = Path(args.rpc_token_file).read_text().strip() if args.rpc_token_file else None
-    ca = Path(args.rpc_tls_ca).read_bytes() if args.rpc_tls_ca else None
+    token, ca = rpc_secrets(args)
     addrs = [a.strip() for a in args.rpc.split(",") if a.strip()]
     if not addrs:
         raise ValueError("--rpc needs at least one HOST:PORT")
