@@ -228,40 +228,6 @@ class FlakyBackend(LocalBackend):
         return self.hello()
 
 
-def test_node_lost_mid_request_then_back(synth_path):
-    flaky = FlakyBackend()
-    eng = make_engine(synth_path, backends=[LocalBackend(), flaky], n_parallel=2)
-    try:
-        run = Run(eng)
-        t = run.submit(prompts(1)[0], n_predict=300, ignore_eos=True)
-        while not any(isinstance(e, PartialEvent) for e in run.events[t.id]):
-            time.sleep(0.002)
-        flaky.down = True
-        err = run.final(t)
-        assert isinstance(err, ErrorEvent) and err.code == 503 and "flaky:1" in err.message
-        assert eng.health_error is not None and "flaky:1" in eng.health_error
-        err2 = run.final(run.submit(prompts(1)[0], n_predict=3))      # fails fast while down
-        assert isinstance(err2, ErrorEvent) and err2.code == 503
-        flaky.down = False
-        deadline = time.time() + 10
-        while eng.health_error is not None and time.time() < deadline:
-            time.sleep(0.05)
-        assert eng.health_error is None
-        p = prompts(2)[1]
-        after = run.final(run.submit(p, n_predict=8, ignore_eos=True))
-        assert isinstance(after, FinalEvent) and after.timings.cache_n == 0
-        ref = make_engine(synth_path, n_parallel=1, warmup=False)
-        try:
-            r = Run(ref)
-            assert r.final(r.submit(p, n_predict=8, ignore_eos=True)).tokens == after.tokens
-        finally:
-            ref.stop()
-            ref.model.close()
-    finally:
-        eng.stop()
-        eng.model.close()
-
-
 def test_node_restarted_between_steps_sequences_are_recomputed(synth_path):
     flaky = FlakyBackend()
     eng = make_engine(synth_path, backends=[LocalBackend(), flaky], n_parallel=2)

@@ -1,4 +1,5 @@
-"""GET /metrics: Prometheus text with llama-box's llamacpp:* names (and llama.cpp's decode counters)."""
+"""GET /metrics: Prometheus text with llama-box's llamacpp:* names (and llama.cpp's decode counters),
+then llamarpc:* for the nodes: each node's state, losses, re-attaches, re-placements, replayed tokens."""
 from __future__ import annotations
 
 from ..engine import Engine
@@ -30,4 +31,22 @@ def render_metrics(engine: Engine) -> str:
     out = []
     for kind, name, help_, value in rows:
         out.append(f"# HELP llamacpp:{name} {help_}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n")
+    st = engine.recovery.stats
+    for kind, name, help_, value in (
+            ("counter", "node_losses_total", "Node losses that paused the streams.", st.n_node_losses),
+            ("counter", "node_reattached_total", "Lost nodes re-attached within the grace period.", st.n_reattached),
+            ("counter", "layer_replacements_total", "Lost nodes whose layers were re-placed on other nodes.",
+             st.n_replaced),
+            ("counter", "replayed_tokens_total", "Tokens replayed to rebuild the KV cache after a loss.",
+             st.n_replayed_tokens),
+            ("counter", "streams_resumed_total", "Streams continued after a node loss.", st.n_streams_resumed),
+            ("counter", "streams_failed_total", "Streams ended by a node loss (layers fit nowhere).",
+             st.n_streams_failed)):
+        out.append(f"# HELP llamarpc:{name} {help_}\n# TYPE llamarpc:{name} {kind}\nllamarpc:{name} {value}\n")
+    out.append("# HELP llamarpc:node_up Whether a node is attached (1), lost (0) or removed (0).\n"
+               "# TYPE llamarpc:node_up gauge\n")
+    for n in engine.node_states():
+        name = str(n["name"]).replace("\\", "\\\\").replace('"', '\\"')
+        out.append(f'llamarpc:node_up{{node="{name}",state="{n["state"]}",layers="{n["layers"]}"}} '
+                   f'{int(n["state"] == "attached")}\n')
     return "".join(out)

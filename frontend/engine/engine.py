@@ -6,9 +6,12 @@ is sequence i of the KV cache; the context is shared, each slot getting n_ctx / 
 beyond the free slots wait in a FIFO queue. Handlers only submit tasks and read their events; a
 cancelled task (client gone) frees its slot before the next step.
 
-A node lost mid-step ends every running request with an error event (503), /health reports the
-node, and the engine re-attaches it on its own (every `recover_interval` seconds, or when a new
-request arrives); the KV cache is rebuilt from scratch then.
+A node lost mid-step pauses the streams (recovery.py): the engine re-attaches the node within
+`node_grace` seconds or re-places its layers on the other nodes, replays every busy slot's tokens
+to rebuild the KV cache, and continues each stream where it stopped; new requests wait meanwhile.
+Only when the layers fit nowhere do the running requests end with an error event (503); /health
+reports the node, and the engine re-attaches it on its own (every `recover_interval` seconds, or
+when a new request arrives).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ from .budget import StepBudget
 from .kv_cells import KVCells
 from .loader import Model
 from .pipeline import Pipeline
+from .placement import PlacementError
+from .recovery import Recovery
 from .slot import Slot, SlotState, common_prefix
 from .task import ErrorEvent, Event, FinalEvent, Task, TaskParams
 
@@ -44,6 +49,7 @@ class EngineConfig:
     stall_factor: float = 1.4       # ... so that a step takes about this many decode-only steps
     slot_prompt_similarity: float = 0.1
     recover_interval: float = 1.0
+    node_grace: float = 5.0         # seconds a lost node has to come back before its layers move
     warmup: bool = True
 
 
@@ -91,6 +97,7 @@ class Engine:
         self.budget = StepBudget(cfg.n_batch, cfg.stall_factor, cfg.prefill_chunk)
         self.metrics = EngineMetrics()
         self.health_error: str | None = None
+        self.recovery = Recovery(cfg.node_grace)
         self._inbox: queue.Queue[Task | None] = queue.Queue()
         self._pending: collections.deque[Task] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -144,6 +151,10 @@ class Engine:
     def n_processing(self) -> int:
         return sum(s.busy for s in self.slots)
 
+    def node_states(self) -> list[dict[str, object]]:
+        """Each node's name, state (attached, lost, removed) and layers, for /health and /metrics."""
+        return self.model.pipeline.nodes()
+
     def dry_breakers(self, breakers: Sequence[str]) -> dict[int, list[tuple[int, ...]]]:
         key = tuple(breakers)
         with self._lock:
@@ -164,14 +175,14 @@ class Engine:
                 log.warning("warm-up failed: %s", e)
         while not self._stopping:
             try:
-                self._intake(block=not any(s.busy for s in self.slots))
+                self._intake(block=self.recovery.active or not any(s.busy for s in self.slots))
                 if self._stopping:
                     break
                 self._drop_cancelled()
                 if self.health_error is not None:
                     self._recover()
                 self._assign()
-                if any(s.busy for s in self.slots):
+                if any(s.busy for s in self.slots) and not self.recovery.active:
                     self._step()
             except Exception:  # noqa: BLE001 - the loop must survive anything a request causes
                 log.exception("engine step failed")
@@ -180,7 +191,7 @@ class Engine:
 
     def _intake(self, block: bool) -> None:
         try:
-            if block and not self._pending:
+            if block and (not self._pending or self.recovery.active):
                 item = self._inbox.get(timeout=0.25 if self.health_error else 1.0)
                 if item is not None:
                     self._pending.append(item)
@@ -219,6 +230,8 @@ class Engine:
             if not free:
                 return
             task = self._pending[0]
+            if self.recovery.active:
+                return      # held until the streams continue (or end)
             if self.health_error is not None:
                 self._recover(force=True)
                 if self.health_error is not None:
@@ -276,9 +289,10 @@ class Engine:
         dec = [s for s in busy if s.state == SlotState.GENERATING and len(s.todo) == 1]
         pre = sorted((s for s in busy if s not in dec),
                      key=lambda s: s.task.t_arrival if s.task is not None else 0.0)
+        replay = self.recovery.parts(busy, self.config.n_batch)
         left = self.budget.prompt_tokens(len(dec))
-        parts: list[tuple[Slot, int, bool]] = [(s, 1, True) for s in dec]
-        for s in pre:
+        parts: list[tuple[Slot, int, bool]] = replay or [(s, 1, True) for s in dec]
+        for s in pre if replay is None else ():
             if left <= 0:
                 break
             take = min(len(s.todo), left)
@@ -316,7 +330,8 @@ class Engine:
             self._fail_all(500, f"compute failed: {e}", "server_error")
             return
         dt = time.perf_counter() - t0
-        self.budget.observe(len(dec), n_prompt, dt)
+        if replay is None:
+            self.budget.observe(len(dec), n_prompt, dt)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step: %d decode + %d prompt tokens in %.1f ms (kv view %d cells)", len(dec), n_prompt,
                       1e3 * dt, self.kv.used_len())
@@ -366,36 +381,63 @@ class Engine:
             s.cache = []
 
     def _rewind_all(self) -> None:
-        """The KV cache is gone (a node was re-attached): every busy slot recomputes its tokens."""
+        """The KV cache is gone (a node was re-attached or replaced): every busy slot replays its tokens."""
         kept = {s.id: s.cache for s in self.slots if s.busy}
         self._reset_cache()
-        for s in self.slots:
-            if s.id in kept:
-                s.todo = kept[s.id] + s.todo
+        self.recovery.rewind(self.slots, kept)
 
     def _node_lost(self, message: str) -> None:
-        log.error("%s", message)
+        log.error("%s; streams paused (re-attach within %.1f s, else re-place its layers)", message,
+                  self.config.node_grace)
         self.health_error = message
-        self._fail_all(503, message, "unavailable_error")
-        self._reset_cache()
-        self._last_recover = time.monotonic()
+        self.recovery.lost(message)
+        self._last_recover = 0.0
 
     def _recover(self, force: bool = False) -> None:
+        rec = self.recovery
         now = time.monotonic()
-        if not force and now - self._last_recover < self.config.recover_interval:
+        if not rec.active and not force and now - self._last_recover < self.config.recover_interval:
             return
         self._last_recover = now
         pipeline = self.model.pipeline
         epoch = pipeline.epoch
+        how = "re-attached"
         try:
             pipeline.ensure_attached()
         except BackendError as e:
             self.health_error = str(e)
-            return
+            if not rec.active or not rec.grace_over():
+                return
+            try:
+                pipeline.replace_lost()
+            except (PlacementError, BackendError) as e2:
+                self._give_up(f"{e}; {e2}")
+                return
+            how = "re-placed"
+        if rec.active:
+            n = sum(s.busy for s in self.slots)
+            rec.stats.n_streams_resumed += n
+            rec.stats.n_reattached += how == "re-attached"
+            rec.stats.n_replaced += how == "re-placed"
+            log.warning("node %s after a %.1f s pause; %d streams continue", how, now - (rec.since or now), n)
+            rec.done()
         if pipeline.epoch != epoch:
-            self._reset_cache()
+            self._rewind_all()
         log.info("all nodes attached again; serving")
         self.health_error = None
+
+    def _give_up(self, message: str) -> None:
+        """Neither back nor re-placeable: the running streams end; new requests fail fast until the
+        node is back (re-attached every `recover_interval` seconds)."""
+        rec = self.recovery
+        log.error("%s: ending %d streams", message, sum(s.busy for s in self.slots))
+        rec.stats.n_failed += 1
+        rec.stats.n_streams_failed += sum(s.busy for s in self.slots)
+        rec.done()
+        self.health_error = message
+        self._fail_all(503, message, "unavailable_error")
+        self._reset_cache()
+        self._last_recover = time.monotonic()
 
     def _warmup(self) -> None:
         """Run a prefill, a decode and a mixed step once: compiles/caches whatever the backends

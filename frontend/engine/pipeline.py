@@ -5,6 +5,11 @@ A stage whose node stops answering raises NodeUnavailable naming the node. The n
 re-attach it: a new session, buffers re-made, weights restored from the node's cache (sent again
 only when the node does not have them), the graph registered again. Every re-attach bumps `epoch`:
 the KV cache contents of all sequences are then gone and the caller must recompute them.
+
+A node that does not come back can be replaced: `replace_lost` places the lost stages' layers on
+the nodes still attached (by their free memory; weights from the nodes' caches or sent from the
+GGUF), as extra stages in the same order, and bumps `epoch` too. `nodes()` says what each node
+is doing (attached, lost, removed) for /health and /metrics.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType
 
 from ..model.gguf_file import GGUFFile
-from .placement import format_table, human_bytes, place_layers
+from .placement import PlacementError, format_table, human_bytes, place_layers
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +60,18 @@ class Pipeline:
         self.gguf, self.arch, self.args, self.n_ctx = gguf, arch, args, n_ctx
         self.kv_type = kv_type
         self.epoch = 0
+        self.n_reattached = 0
+        self.replacements: list[dict[str, object]] = []   # one per re-placed stage: layers, from, to
+        self._removed: list[str] = []                      # nodes whose layers went elsewhere
         self.pipelined = True   # cut big steps into micro-batches that flow through the nodes at once
         if tensor_split is not None and len(tensor_split) != len(backends):
             raise ValueError(f"tensor split has {len(tensor_split)} values for {len(backends)} backends")
         n_layer = args.n_layer  # type: ignore[attr-defined]
-        layer_cost = [self._cost(arch.tensor_names(args, range(i, i + 1), False, False)) + self._kv_bytes(1)
-                      for i in range(n_layer)]
-        first_cost = self._cost(arch.tensor_names(args, range(0), True, False))
-        last_cost = self._cost(arch.tensor_names(args, range(0), False, True))
+        self._layer_cost = layer_cost = [
+            self._cost(arch.tensor_names(args, range(i, i + 1), False, False)) + self._kv_bytes(1)
+            for i in range(n_layer)]
+        self._first_cost = first_cost = self._cost(arch.tensor_names(args, range(0), True, False))
+        self._last_cost = last_cost = self._cost(arch.tensor_names(args, range(0), False, True))
         free = [b.get_memory()[0] for b in backends]
         ranges = place_layers(layer_cost, first_cost, last_cost, free, tensor_split,
                               names=[b.name for b in backends])
@@ -147,13 +156,24 @@ class Pipeline:
         stage.graph_id = b.register_graph(gb.build())
         stage.lost = False
 
+    def _mark_lost(self) -> None:
+        """A stage is lost with its node: every stage on a node that is down or was lost."""
+        down = {id(s.backend) for s in self.stages if s.lost or not s.backend.alive}
+        for s in self.stages:
+            if id(s.backend) in down:
+                s.lost = True
+
     def ensure_attached(self) -> None:
         """Re-attach every stage whose node was lost; raises NodeUnavailable if one is still down."""
+        self._mark_lost()
+        reconnected: set[int] = set()
         for s in self.stages:
-            if not s.lost and s.backend.alive:
+            if not s.lost:
                 continue
             try:
-                s.backend.reconnect()
+                if id(s.backend) not in reconnected:
+                    s.backend.reconnect()
+                    reconnected.add(id(s.backend))
                 sent = s.bytes_sent
                 self._setup(s)
             except BackendError as e:
@@ -161,8 +181,83 @@ class Pipeline:
                 raise NodeUnavailable(f"node {s.backend.name} (layers {s.layers.start}-{s.layers.stop - 1}) "
                                       f"is down: {e.message}", node=s.backend.name) from None
             self.epoch += 1
+            self.n_reattached += 1
             log.warning("node %s re-attached (%d weight bytes re-sent); KV cache cleared",
                         s.backend.name, s.bytes_sent - sent)
+
+    def replace_lost(self) -> None:
+        """Place the layers of every lost stage on the nodes still attached, as new stages in the
+        same place of the pipeline; the lost nodes are dropped. Raises PlacementError when the
+        layers fit on no survivor (or none is left), BackendError when a survivor fails meanwhile.
+        Bumps `epoch`: every sequence must be recomputed."""
+        self._mark_lost()
+        lost = [s for s in self.stages if s.lost]
+        if not lost:
+            return
+        survivors: list[Backend] = []
+        for s in self.stages:
+            if not s.lost and all(b is not s.backend for b in survivors):
+                survivors.append(s.backend)
+        if not survivors:
+            raise PlacementError("no node is left to take the layers of " + ", ".join(
+                sorted({s.backend.name for s in lost})))
+        for s in lost:
+            free = [b.get_memory()[0] for b in survivors]
+            costs = [self._layer_cost[i] for i in s.layers]
+            try:
+                ranges = place_layers(costs, self._first_cost if s.first else 0, self._last_cost if s.last else 0,
+                                      free, names=[b.name for b in survivors])
+            except PlacementError as e:
+                raise PlacementError(f"layers {s.layers.start}-{s.layers.stop - 1} of lost node {s.backend.name} "
+                                     f"fit on no other node: {e}") from None
+            pieces = [(b, range(s.layers.start + r.start, s.layers.start + r.stop))
+                      for b, r in zip(survivors, ranges) if len(r)]
+            new = [Stage(b, r, first=s.first and i == 0, last=s.last and i == len(pieces) - 1)
+                   for i, (b, r) in enumerate(pieces)]
+            made: list[Stage] = []
+            try:
+                for ns in new:
+                    ns.names = self.arch.tensor_names(self.args, ns.layers, ns.first, ns.last)
+                    made.append(ns)
+                    self._setup(ns)
+            except BackendError:
+                for ns in made:
+                    self._free(ns)
+                raise
+            i = self.stages.index(s)
+            self.stages[i:i + 1] = new
+            to = [f"{ns.backend.name} ({ns.layers.start}-{ns.layers.stop - 1})" for ns in new]
+            self.replacements.append({"layers": f"{s.layers.start}-{s.layers.stop - 1}", "from": s.backend.name,
+                                      "to": ", ".join(to)})
+            log.warning("layers %d-%d of lost node %s re-placed on %s (%d bytes sent)", s.layers.start,
+                        s.layers.stop - 1, s.backend.name, ", ".join(to), sum(ns.bytes_sent for ns in new))
+        for b in {id(s.backend): s.backend for s in lost}.values():
+            self._removed.append(b.name)
+            try:
+                b.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.debug("closing %s failed", b.name, exc_info=True)
+        self.epoch += 1
+
+    @staticmethod
+    def _free(stage: Stage) -> None:
+        for bid in (stage.weights_buffer, stage.kv_buffer):
+            if bid:
+                try:
+                    stage.backend.free_buffer(bid)
+                except BackendError:
+                    pass
+
+    def nodes(self) -> list[dict[str, object]]:
+        """Each node: name, state (attached, lost, removed) and the layers it holds."""
+        out: dict[int, dict[str, object]] = {}
+        for s in self.stages:
+            n = out.setdefault(id(s.backend), {"name": s.backend.name, "state": "attached", "layers": []})
+            n["layers"].append(f"{s.layers.start}-{s.layers.stop - 1}")  # type: ignore[union-attr]
+            if s.lost or not s.backend.alive:
+                n["state"] = "lost"
+        rows = [{**n, "layers": ",".join(n["layers"])} for n in out.values()]  # type: ignore[arg-type]
+        return rows + [{"name": name, "state": "removed", "layers": ""} for name in self._removed]
 
     def placement_table(self) -> str:
         rows = []
