@@ -326,6 +326,78 @@ static inline void q8_0_floats16(const uint8_t *b, int c, float *s, float *m, __
 }
 FLOATS16_FROM_CHUNK(q5_0) FLOATS16_FROM_CHUNK(q5_1) FLOATS16_FROM_CHUNK(q2_k) FLOATS16_FROM_CHUNK(q3_k)
 FLOATS16_FROM_CHUNK(q4_k) FLOATS16_FROM_CHUNK(q5_k) FLOATS16_FROM_CHUNK(q6_k)
+
+/* The 32-value types with one f16 scale (and min) at the head of each block: their exact rows take
+ * the scales of up to SEG blocks out of the blocks first (scalar loads, 16 conversions in one
+ * instruction), so the block loop broadcasts each from memory. The scalar conversion and the
+ * register broadcasts it replaces were 4 of the ~14 shuffle/FP uops a block. Same sums, same
+ * order: the results are those of ROW_EXACT_BODY bit for bit. */
+#define SEG 64
+static inline void q4_0_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) { nib_halves(b + 2, 8, lo, hi); }
+static inline void q4_1_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) { nib_halves(b + 4, 0, lo, hi); }
+static inline void q8_0_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) {
+    *lo = _mm_loadu_si128((const __m128i *)(b + 2));
+    *hi = _mm_loadu_si128((const __m128i *)(b + 18));
+}
+static inline void q5_0_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) {
+    const __m256i q = _mm256_or_si256(nibbles16(b + 6), _mm256_andnot_si256(bits32(b + 2), _mm256_set1_epi8((char)0xF0)));
+    *lo = _mm256_castsi256_si128(q); *hi = _mm256_extracti128_si256(q, 1);
+}
+static inline void q5_1_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) {
+    const __m256i q = _mm256_or_si256(nibbles16(b + 8), _mm256_and_si256(bits32(b + 4), _mm256_set1_epi8(16)));
+    *lo = _mm256_castsi256_si128(q); *hi = _mm256_extracti128_si256(q, 1);
+}
+#define NO_QHALVES(T) static inline void T##_qhalves(const uint8_t *b, __m128i *lo, __m128i *hi) { (void)b; (void)lo; (void)hi; }
+NO_QHALVES(q2_k) NO_QHALVES(q3_k) NO_QHALVES(q4_k) NO_QHALVES(q5_k) NO_QHALVES(q6_k)
+/* -1: not a simple type; else the byte offset of the block's min (0: no min) */
+enum { q4_0_SIMPLE = 0, q4_1_SIMPLE = 2, q5_0_SIMPLE = 0, q5_1_SIMPLE = 2, q8_0_SIMPLE = 0,
+       q2_k_SIMPLE = -1, q3_k_SIMPLE = -1, q4_k_SIMPLE = -1, q5_k_SIMPLE = -1, q6_k_SIMPLE = -1 };
+
+/* scales (and mins) of blocks [b0, b0 + n) of R rows as floats: sc[r * SEG + i]. Sixteen blocks
+ * at a time: one gather of their first 4 bytes (scale, and the min where it follows), two
+ * conversions; lanes past n are not read. */
+static inline void simple_scales(const uint8_t *row, int64_t row_bytes, int64_t bytes, int moff, int R,
+                                 int64_t b0, int64_t n, float *sc, float *mn) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)bytes));
+    for (int r = 0; r < R; r++) {
+        const uint8_t *p = row + r * row_bytes + b0 * bytes;
+        for (int64_t i = 0; i < n; i += 16) {
+            const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+            const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), k, idx, p + i * bytes, 1);
+            _mm512_storeu_ps(sc + r * SEG + i, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g)));
+            if (moff == 2)
+                _mm512_storeu_ps(mn + r * SEG + i, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))));
+            else
+                _mm512_storeu_ps(mn + r * SEG + i, _mm512_setzero_ps());
+        }
+    }
+}
+#define ROW_EXACT_SIMPLE_BODY(T, BYTES)                                                              \
+    __m512 acc[4][8], acc2[4][8];                                                                    \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) acc[r][i] = acc2[r][i] = _mm512_setzero_ps();                   \
+    float sc[4 * SEG], mn[4 * SEG];                                                                  \
+    for (int64_t b0 = 0; b0 < nb; b0 += SEG) {                                                       \
+        const int64_t n = nb - b0 < SEG ? nb - b0 : SEG;                                             \
+        simple_scales(row, row_bytes, BYTES, T##_SIMPLE, R, b0, n, sc, mn);                          \
+        for (int64_t bi = 0; bi < n; bi++) {                                                         \
+            const int64_t b = b0 + bi, k = b * 32;                                                   \
+            for (int r = 0; r < R; r++) {                                                            \
+                __m128i lo, hi;                                                                      \
+                T##_qhalves(row + r * row_bytes + b * BYTES, &lo, &hi);                              \
+                const __m512 s0 = _mm512_set1_ps(sc[r * SEG + bi]), m0 = _mm512_set1_ps(mn[r * SEG + bi]); \
+                const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), s0, m0); \
+                const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), s0, m0); \
+                for (int i = 0; i < nr; i++) {                                                       \
+                    acc[r][i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr[i] + k), acc[r][i]);          \
+                    acc2[r][i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr[i] + k + 16), acc2[r][i]);   \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int i = 0; i < nr; i++) res[r * 8 + i] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][i], acc2[r][i]));
 #endif
 
 static inline float hsum8(__m256 v) {
@@ -399,11 +471,17 @@ static inline __m256i dot32_u8i8(__m256i u, __m256i x) {
 
 /* The body of both drivers for `nr` activation rows at once (called with a constant nr: 1 or 4,
  * so the compiler keeps the accumulators in registers). */
+#if defined(__AVX512F__)
+#define EXACT_DISPATCH(T, QK, BYTES)                                                                \
+    if (T##_SIMPLE >= 0) { ROW_EXACT_SIMPLE_BODY(T, BYTES) } else { ROW_EXACT_BODY(T, QK, BYTES) }
+#else
+#define EXACT_DISPATCH(T, QK, BYTES) ROW_EXACT_BODY(T, QK, BYTES)
+#endif
 #define AVX2_ROW_BODIES(T, QK, BYTES, BIAS, HALVES_SAME)                                            \
 static inline __attribute__((always_inline)) void T##_row_exact(                                    \
         const uint8_t *row, int64_t row_bytes, int64_t nb, const float *const *xr, const int nr,     \
         const int R, float *res) {                                                                   \
-    ROW_EXACT_BODY(T, QK, BYTES)                                                                     \
+    EXACT_DISPATCH(T, QK, BYTES)                                                                     \
 }                                                                                                    \
 static inline __attribute__((always_inline)) void T##_row_fast(                                     \
         const uint8_t *row, int64_t nb, const int8_t *const *xq, const float *const *xd,             \
