@@ -85,6 +85,9 @@ FLAGS: list[Flag] = [
     Flag(("--rpc-token-file",), "file with the nodes' shared secret", env=_r("AUTH_TOKEN_FILE"), metavar="FNAME"),
     Flag(("--rpc-tls-ca",), "PEM CA/certificate to verify TLS nodes (enables TLS)", env=_r("TLS_CA"),
          metavar="FNAME"),
+    Flag(("--node-grace",), "seconds a lost node has to come back before its layers are re-placed on the other "
+         "nodes; streams pause meanwhile and continue where they stopped", ranged(float, 0.0, 3600.0), 5.0,
+         env=_r("NODE_GRACE"), metavar="S"),
     Flag(("--device",), "device of the in-process node: cpu or cuda:N (cupy)", str, "cpu", env=_r("DEVICE")),
     Flag(("--matmul",), "in-process node: multiply by quantized weights with float32 activations (exact), "
          "8-bit activations (fast, as llama.cpp) or numpy (reference)", str, "exact", env=_r("MATMUL"),

@@ -68,8 +68,8 @@ def load_from_args(args: argparse.Namespace, progress: Progress | None = None) -
 
 
 def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True) -> EngineConfig:
-    """-b, -ub, -pc for `n_parallel` slots."""
+    """-b, -ub, -pc, --node-grace for `n_parallel` slots."""
     from ..engine import EngineConfig
 
     return EngineConfig(n_parallel=n_parallel, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                        prefill_chunk=args.prefill_chunk, warmup=warmup)
+                        prefill_chunk=args.prefill_chunk, node_grace=args.node_grace, warmup=warmup)
