@@ -14,6 +14,7 @@ from ..model.tokenizer import Tokenizer
 from ..sampling import SamplingParams, samplers_from_chars, samplers_from_names
 from .errors import bad_request
 from .state import ServerState
+from .structured import completion_grammar
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -190,9 +191,6 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true")
         elif lp is not None:
             n_probs = 1 if lp is True else (0 if lp is False else b.int("logprobs", 0, 0))
-    for key in ("grammar", "json_schema"):
-        if b.raw(key) not in (None, "", {}):
-            raise bad_request(f"'{key}' (grammar-constrained sampling) is not supported by this server")
     n = b.int("n", 1, 1) if b.has("n") else b.int("n_cmpl", 1, 1)
     if n != 1:
         raise bad_request("only one completion choice is supported ('n' must be 1)")
@@ -205,7 +203,7 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
     if id_slot >= s.n_parallel:
         raise bad_request(f"'id_slot' {id_slot} does not exist (there are {s.n_parallel} slots)")
     sampling = sampling_params(b, s.sampling, tok)
-    sampling = dataclasses.replace(sampling, n_probs=n_probs)
+    sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(b.data, state))
     return TaskParams(
         sampling=sampling, n_predict=n_predict, stop=tuple(w for w in b.str_list("stop", (), allow_str=True) if w),
         stop_regex=stop_regex, ignore_eos=b.bool("ignore_eos", s.ignore_eos),

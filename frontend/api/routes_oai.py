@@ -1,6 +1,8 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
@@ -20,6 +22,7 @@ from .formats import (
 from .params import Body, check_context, parse_json, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .stream import Submission
+from .structured import response_format_grammar
 
 router = APIRouter()
 
@@ -56,9 +59,12 @@ async def chat_completions(request: Request) -> Response:
     body = parse_json(await request.body())
     b = Body(body)
     messages = parse_messages(body.get("messages"))
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise bad_request("'response_format' (grammar-constrained output) is not supported by this server")
     params = task_params(b, st, oai_chat=True)
+    rf = response_format_grammar(body.get("response_format"), st)
+    if rf is not None:
+        if params.sampling.grammar is not None:
+            raise bad_request("'response_format' and 'grammar'/'json_schema' cannot be used together")
+        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=rf))
     prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, template_extra(body)),
                                         st.engine.n_ctx_slot)
     if not prompt:

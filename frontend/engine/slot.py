@@ -129,6 +129,8 @@ class Slot:
                 self.has_new_line = True
             if out.stopped:
                 stop = STOP_WORD
+        if not stop and sampler.constraint is not None and sampler.constraint.done:
+            stop = STOP_EOS         # the grammar is complete: only end-of-generation may follow
         truncated = False
         if not stop and p.n_predict > 0 and self.n_decoded >= p.n_predict:
             stop = STOP_LIMIT

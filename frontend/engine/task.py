@@ -49,7 +49,8 @@ class TaskParams:
             "stop": list(self.stop), "max_tokens": self.n_predict, "n_predict": self.n_predict,
             "n_keep": self.n_keep, "n_discard": 0, "ignore_eos": self.ignore_eos, "stream": self.stream,
             "logit_bias": [{"bias": b if b != float("-inf") else False, "token": t} for t, b in s.logit_bias],
-            "n_probs": self.n_probs, "min_keep": s.min_keep, "grammar": "", "samplers": list(s.samplers),
+            "n_probs": self.n_probs, "min_keep": s.min_keep, "grammar": s.grammar.source if s.grammar is not None else "",
+            "samplers": list(s.samplers),
             "timings_per_token": self.timings_per_token, "post_sampling_probs": self.post_sampling_probs,
             "cache_prompt": self.cache_prompt, "lora": [],
         }

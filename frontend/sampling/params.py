@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .constraint import Grammar
 
 DEFAULT_SAMPLERS: tuple[str, ...] = ("penalties", "dry", "top_n_sigma", "top_k", "typ_p", "top_p", "min_p", "xtc",
                                      "temperature")
@@ -76,6 +80,7 @@ class SamplingParams:
     n_probs: int = 0
     samplers: tuple[str, ...] = DEFAULT_SAMPLERS
     logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: Grammar | None = None      # constrained decoding (constraint.py); None = free text
 
     def validate(self) -> None:
         if not 0.0 <= self.top_p <= 1.0 or not 0.0 <= self.min_p <= 1.0:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .cand import Cand
+from .constraint import Constraint
 from .dry import DryState, apply_dry
 from .params import LLAMA_DEFAULT_SEED, SamplingParams, samplers_from_names
 from .steps import draw, min_p, temp, temp_ext, top_k, top_n_sigma, top_p, typical, xtc
@@ -52,6 +53,7 @@ class Sampler:
         self.dry = DryState(params.dry_multiplier, params.dry_base, params.dry_allowed_length, dry_n, n_ctx,
                             dry_breakers or {})
         self.mu = 2.0 * params.mirostat_tau
+        self.constraint: Constraint | None = params.grammar.start() if params.grammar is not None else None
 
     # -- state -----------------------------------------------------------------------------------
     def accept(self, token: int) -> None:
@@ -75,11 +77,37 @@ class Sampler:
         return self.sample_full(logits).token
 
     def sample_full(self, logits: np.ndarray) -> Sampled:
+        """The chain, the draw, and accept. With a grammar: mode "check" runs the chain on the
+        raw logits and, only when the grammar refuses the token drawn, masks the logits and runs
+        it again (llama.cpp's way); mode "mask" masks before every chain."""
+        con = self.constraint
+        if con is None:
+            res = self._chain(logits, None)
+        elif con.mode == "mask":
+            res = self._chain(logits, con)
+        else:
+            mu = self.mu
+            res = self._chain(logits, None)
+            if not con.allows(res.token):
+                self.mu = mu                        # mirostat's step is redone with the mask
+                res = self._chain(logits, con)
+        self.accept(res.token)
+        if con is not None:
+            con.accept(res.token)
+        return res
+
+    def _chain(self, logits: np.ndarray, con: Constraint | None) -> Sampled:
         p = self.params
         c = Cand(np.arange(logits.size, dtype=np.int64), np.asarray(logits, dtype=np.float32).copy())
         for tok, bias in p.logit_bias:
             if 0 <= tok < logits.size:
                 c.logits[tok] += np.float32(bias)   # a ban is -inf
+        if con is not None:
+            allowed = con.allowed(logits.size)
+            if not np.isfinite(c.logits[allowed]).any():
+                # logit_bias banned every token the grammar allows: the grammar wins
+                c.logits = np.asarray(logits, dtype=np.float32).copy()
+            c.logits[~allowed] = -np.inf
         if p.mirostat == 0:
             for name in self.samplers:
                 self._STEPS[name](self, c)
@@ -89,9 +117,7 @@ class Sampler:
             temp(c, p.temperature)
             i = self._mirostat(c) if p.mirostat == 1 else self._mirostat_v2(c)
             probs = c.p if c.p is not None else c.softmax(False)
-        tok = int(c.ids[i])
-        self.accept(tok)
-        return Sampled(tok, c.ids, probs)
+        return Sampled(int(c.ids[i]), c.ids, probs)
 
     def _penalties(self, c: Cand) -> None:
         p = self.params
