@@ -197,7 +197,7 @@ class FlagParser(argparse.ArgumentParser):
                 if value is not _UNSET:
                     setattr(ns, f.key, value)
             elif f.ignored is not None:
-                log.warning("%s has no effect here: %s", f.names[0], f.ignored)
+                log.warning("%s has no effect here: %s", "/".join(f.names), f.ignored)
         for f in self.flags:       # what neither the command line nor a variable set: the default
             if getattr(ns, f.key, _UNSET) is _UNSET:
                 setattr(ns, f.key, None if f.ignored is not None else f.default)

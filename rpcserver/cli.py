@@ -1,9 +1,7 @@
 """``llamarpc-server``: a compute node on the network.
 
-Flags have LLAMARPC_* environment equivalents (LLAMARPC_HOST, LLAMARPC_PORT, LLAMARPC_DEVICE,
-LLAMARPC_THREADS, LLAMARPC_RESERVE_MEMORY, LLAMARPC_CACHE_DIR, LLAMARPC_AUTH_TOKEN_FILE,
-LLAMARPC_TLS_CERT, LLAMARPC_TLS_KEY, LLAMARPC_MAX_SESSIONS, LLAMARPC_SESSIONS_PER_CLIENT,
-LLAMARPC_SESSION_MEM, LLAMARPC_CLIENT_MEM, LLAMARPC_KEEPALIVE).
+Every flag has an LLAMARPC_* environment variable (listed below); the flag table goes through the
+shared argument layer (`llamarpc.proto.cliargs`), as llamarpc's does.
 
 Fair sharing: at most --max-sessions sessions (each frontend holds one per node), at most
 --sessions-per-client of them from one client address; a session's buffers may hold at most
@@ -15,25 +13,23 @@ applies to every client. A refused Hello or AllocBuffer is RESOURCE_EXHAUSTED na
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from llamarpc.proto.cliargs import CLIError, Flag, FlagParser, ranged, read_file
+
 log = logging.getLogger("llamarpc.server")
 
 
-def _env(name: str, default: object = None) -> object:
-    return os.environ.get(f"LLAMARPC_{name}", default)
-
-
-def _opt_int(v: object) -> int | None:
-    return None if v is None or v == "" else int(str(v))
+def _e(name: str) -> str:
+    return f"LLAMARPC_{name}"
 
 
 def default_threads() -> int:
@@ -47,43 +43,71 @@ def default_cache_dir() -> str:
     return os.path.join(base, "llamarpc", "tensors")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llamarpc-server", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-H", "--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
-    p.add_argument("-p", "--port", type=int, default=int(_env("PORT", 50052)), help="port (default 50052; 0 = any)")
-    p.add_argument("-d", "--device", default=_env("DEVICE", "cpu"), help="cpu or cuda:N (cupy; not yet verified on hardware)")
-    p.add_argument("-t", "--threads", type=int, default=int(_env("THREADS", 0)),
-                   help="compute threads, BLAS and the quantized kernels (default: half the cores)")
-    p.add_argument("--matmul", choices=("exact", "fast", "reference"), default=_env("MATMUL", "exact"),
-                   help="how to multiply by quantized weights: exact (float32 activations, the default), fast "
-                        "(8-bit activations, as llama.cpp) or reference (numpy, slow)")
-    p.add_argument("-m", "--reserve-memory", type=int, default=int(_env("RESERVE_MEMORY", 0)), metavar="MiB",
-                   help="memory to keep free: capacity = total - reserve")
-    p.add_argument("--mem", type=int, default=int(_env("MEM", 0)), metavar="MiB",
-                   help="total memory to offer (default: the machine's physical memory)")
-    p.add_argument("-c", "--cache-dir", default=_env("CACHE_DIR", default_cache_dir()),
-                   help="on-disk weight cache ('' disables)")
-    p.add_argument("--cache-size", type=int, default=int(_env("CACHE_SIZE", 65536)), metavar="MiB",
-                   help="bound on the weight cache on disk; least recently used weights are evicted (default 65536)")
-    p.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE"), help="file holding the shared secret")
-    p.add_argument("--tls-cert", default=_env("TLS_CERT"), help="PEM certificate (with --tls-key: serve TLS)")
-    p.add_argument("--tls-key", default=_env("TLS_KEY"), help="PEM private key")
-    p.add_argument("--max-sessions", type=int, default=int(_env("MAX_SESSIONS", 16)), metavar="N",
-                   help="sessions open at once, all clients together (default 16; each holds a server thread)")
-    p.add_argument("--sessions-per-client", type=int, default=int(_env("SESSIONS_PER_CLIENT", 4)), metavar="N",
-                   help="sessions one client address may hold (default 4)")
-    p.add_argument("--session-mem", type=int, default=_opt_int(_env("SESSION_MEM")), metavar="MiB",
-                   help="bytes one session may allocate (default: half the capacity for network clients, "
-                        "no cap on loopback; 0 = no cap)")
-    p.add_argument("--client-mem", type=int, default=_opt_int(_env("CLIENT_MEM")), metavar="MiB",
-                   help="bytes all sessions of one client address may allocate together (default as --session-mem)")
-    p.add_argument("--keepalive", type=float, default=float(_env("KEEPALIVE", 10.0)), metavar="S",
-                   help="ping every client connection every S seconds and drop one that does not answer "
-                        "within S, freeing its sessions (default 10; 1..3600)")
-    p.add_argument("--port-file", default=None, help="write the bound port here once listening (for scripts/tests)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+_MIB = ranged(int, 0, 1 << 40)
+FLAGS: list[Flag] = [
+    Flag(("-H", "--host"), "address to listen on", str, "127.0.0.1", env=_e("HOST")),
+    Flag(("-p", "--port"), "port (0 = any free one)", ranged(int, 0, 65535), 50052, env=_e("PORT")),
+    Flag(("-d", "--device"), "cpu or cuda:N (cupy)", str, "cpu", env=_e("DEVICE")),
+    Flag(("-t", "--threads"), "compute threads, BLAS and the quantized kernels; 0 = half the cores",
+         ranged(int, 0, 4096), 0, env=_e("THREADS"), metavar="N"),
+    Flag(("--matmul",), "how to multiply by quantized weights: exact (float32 activations), fast (8-bit "
+         "activations, as llama.cpp) or reference (numpy, slow)", str, "exact", env=_e("MATMUL"),
+         choices=("exact", "fast", "reference")),
+    Flag(("-m", "--reserve-memory"), "memory to keep free: capacity = total - reserve", _MIB, 0,
+         env=_e("RESERVE_MEMORY"), metavar="MiB"),
+    Flag(("--mem",), "total memory to offer; 0 = the machine's physical memory", _MIB, 0, env=_e("MEM"),
+         metavar="MiB"),
+    Flag(("-c", "--cache-dir"), "on-disk weight cache ('' disables)", str, None, env=_e("CACHE_DIR"),
+         metavar="DIR"),
+    Flag(("--cache-size",), "bound on the weight cache on disk; least recently used weights are evicted",
+         ranged(int, 1, 1 << 40), 65536, env=_e("CACHE_SIZE"), metavar="MiB"),
+    Flag(("--auth-token-file",), "file holding the shared secret", env=_e("AUTH_TOKEN_FILE"), metavar="FNAME"),
+    Flag(("--tls-cert",), "PEM certificate (with --tls-key: serve TLS)", env=_e("TLS_CERT"), metavar="FNAME"),
+    Flag(("--tls-key",), "PEM private key", env=_e("TLS_KEY"), metavar="FNAME"),
+    Flag(("--max-sessions",), "sessions open at once, all clients together (each holds a server thread)",
+         ranged(int, 1, 1024), 16, env=_e("MAX_SESSIONS"), metavar="N"),
+    Flag(("--sessions-per-client",), "sessions one client address may hold", ranged(int, 1, 1024), 4,
+         env=_e("SESSIONS_PER_CLIENT"), metavar="N"),
+    Flag(("--session-mem",), "bytes one session may allocate (default: half the capacity for network clients, "
+         "no cap on loopback; 0 = no cap)", _MIB, None, env=_e("SESSION_MEM"), metavar="MiB"),
+    Flag(("--client-mem",), "bytes all sessions of one client address may allocate together (default as "
+         "--session-mem)", _MIB, None, env=_e("CLIENT_MEM"), metavar="MiB"),
+    Flag(("--keepalive",), "ping every client connection every S seconds and drop one that does not answer "
+         "within S, freeing its sessions", ranged(float, 1.0, 3600.0), 10.0, env=_e("KEEPALIVE"), metavar="S"),
+    Flag(("--port-file",), "write the bound port here once listening (for scripts/tests)", metavar="FNAME"),
+    Flag(("-v", "--verbose"), "debug logging", None, False, env=_e("VERBOSE")),
+]
+
+MODES = """modes:
+  node       llamarpc-server [-H 0.0.0.0] [-p 50052] [-d cpu|cuda:0]     this command: one compute node
+  frontend   llamarpc -m MODEL.gguf --rpc HOST:50052,HOST2:50052 [-p PROMPT]   places a model's layers on nodes
+             (with -p a one-shot run, without it the HTTP server)
+
+Here -p is the port, -m --reserve-memory and -c --cache-dir, as in llama.cpp's rpc-server; on
+llamarpc (the frontend) -p is the prompt, -m the model and -c the context size, as in llama.cpp.
+"""
+
+
+def build_parser() -> FlagParser:
+    return FlagParser("llamarpc-server", (__doc__ or "") + "\n" + MODES, FLAGS)
+
+
+def _port_busy(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be bound, found with a plain socket before gRPC tries (its C core
+    would print its own add_port.cc error line first)."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot resolve {host}: {e.strerror or e}"
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -118,17 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .tensor_cache import TensorCache
 
     token = None
-    if args.auth_token_file:
-        token = Path(args.auth_token_file).read_text().strip()
-        if not token:
-            print(f"llamarpc-server: error: {args.auth_token_file} is empty", file=sys.stderr)
-            return 2
     tls = None
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("llamarpc-server: error: --tls-cert and --tls-key go together", file=sys.stderr)
+    try:
+        if args.auth_token_file:
+            token = read_file("--auth-token-file", args.auth_token_file).strip()
+            if not token:
+                raise CLIError(f"--auth-token-file {args.auth_token_file}: the file is empty")
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise CLIError("--tls-cert and --tls-key go together")
+        if args.tls_cert:
+            tls = (read_file("--tls-key", args.tls_key, binary=True), read_file("--tls-cert", args.tls_cert, binary=True))
+    except CLIError as e:
+        print(f"llamarpc-server: error: {e}", file=sys.stderr)
         return 2
-    if args.tls_cert:
-        tls = (Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())
     if not _is_loopback(args.host) and not token:
         log.warning("listening on %s without --auth-token-file: anyone who can reach this port can allocate "
                     "memory and run computations on this machine; use a token (and TLS) off loopback", args.host)
@@ -149,8 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"llamarpc-server: error: {e}", file=sys.stderr)
         return 2
-    cache = TensorCache(args.cache_dir or None, max_total=args.cache_size << 20)
+    cache_dir = default_cache_dir() if args.cache_dir is None else args.cache_dir
+    cache = TensorCache(cache_dir or None, max_total=args.cache_size << 20)
     host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") else args.host
+    busy = _port_busy(args.host, args.port)
+    if busy:
+        print(f"llamarpc-server: error: cannot listen on {args.host}:{args.port}: {busy}", file=sys.stderr)
+        return 1
     try:
         server, port, _ = make_server(node, f"{host}:{args.port}", cache=cache, token=token, tls=tls, limits=limits,
                                       keepalive=args.keepalive)
@@ -162,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     server.start()
     log.info("llamarpc-server listening on %s:%d (device %s, %d threads, %s matmul, capacity %.1f MiB, cache %s, %s%s)",
-             args.host, port, node.device.name, threads, args.matmul, capacity / 2**20, args.cache_dir or "off",
+             args.host, port, node.device.name, threads, args.matmul, capacity / 2**20, cache_dir or "off",
              "TLS" if tls else "plaintext", ", token auth" if token else "")
     log.info("sessions: %d at most, %d per client; per session %s, per client %s; keepalive %.0f s",
              limits.max_sessions, limits.sessions_per_client, _cap_text(limits.session_mem, capacity),

@@ -27,6 +27,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llamarpc.proto import pb, pb_grpc
 from llamarpc.proto.arrays import array_from_pb, array_to_pb
@@ -378,6 +379,37 @@ class _TokenAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(self._deny)
 
 
+class _DecodeGuard(grpc.ServerInterceptor):
+    """Bytes that are no valid message of the method's request type get INVALID_ARGUMENT (gRPC's
+    own deserializer answers INTERNAL): requests reach the handler undecoded and are parsed here."""
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def decode(raw: bytes, context: grpc.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except DecodeError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid {details.method} request: {e}")
+
+        if handler.request_streaming:
+            inner = handler.stream_stream or handler.stream_unary
+
+            def streamed(it: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+                return inner((decode(raw, context) for raw in it), context)
+            kind = "stream_stream" if handler.response_streaming else "stream_unary"
+        else:
+            inner = handler.unary_stream or handler.unary_unary
+
+            def streamed(raw: bytes, context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+                return inner(decode(raw, context), context)
+            kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        return handler._replace(request_deserializer=None, **{kind: streamed})
+
+
 def channel_options(max_message: int = DEFAULT_MAX_MESSAGE) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
 
@@ -409,7 +441,7 @@ def make_server(node: Node, address: str, *, cache: TensorCache | None = None, t
         max_workers = limits.max_sessions + 16
     if max_workers < limits.max_sessions + 4:
         raise ValueError(f"{max_workers} workers for {limits.max_sessions} sessions: calls would find no thread")
-    interceptors = [_TokenAuth(token)] if token else []
+    interceptors = [*([_TokenAuth(token)] if token else []), _DecodeGuard()]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
                          options=server_options(keepalive), maximum_concurrent_rpcs=max_workers * 4)
     servicer = BackendServicer(node, cache or TensorCache(None), limits=limits)
