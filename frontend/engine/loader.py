@@ -11,6 +11,7 @@ from llamarpc.client import Backend
 from llamarpc.proto.types import GGMLType
 
 from ..model.arch import get_architecture
+from ..model.chat_builtin import BUILTIN_TEMPLATES
 from ..model.gguf_file import GGUFFile, ModelLoadError
 from ..model.tokenizer import Tokenizer
 from .pipeline import Pipeline, Progress
@@ -56,6 +57,9 @@ def load_model(path: str, backends: Sequence[Backend], n_ctx: int = 0,
         raise ModelLoadError(f"{path}: {e}") from None
     if n_ctx <= 0:
         n_ctx = min(args.n_ctx_train, 4096)
+    if not isinstance(gguf.metadata.get("tokenizer.chat_template"), str):
+        log.info("%s has no tokenizer.chat_template: chat requests use chatml, as llama-server's, unless "
+                 "--chat-template names one (a jinja template or a built-in: %s)", path, ", ".join(BUILTIN_TEMPLATES))
     pipeline = Pipeline(gguf, arch, args, backends, n_ctx, tensor_split, kv_type, progress)
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) in %.2f s", path, args.arch, args.n_layer, dt)

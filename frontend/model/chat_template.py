@@ -18,6 +18,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .chat_builtin import BUILTIN_TEMPLATES, builtin_name, render_builtin
+
 logger = logging.getLogger(__name__)
 
 # used when the GGUF has no tokenizer.chat_template (llama.cpp falls back to ChatML too)
@@ -27,6 +29,9 @@ CHATML_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+
+
+__all__ = ["BUILTIN_TEMPLATES", "CHATML_TEMPLATE", "ChatTemplateError", "render_chat"]
 
 
 class ChatTemplateError(ValueError):
@@ -79,7 +84,8 @@ def _compile(template: str) -> jinja2.Template:
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
                 bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
-    """Render ``messages`` (OpenAI-style dicts) with ``template``; ``None``/"" uses ChatML.
+    """Render ``messages`` (OpenAI-style dicts) with ``template``; ``None``/"" uses ChatML; a
+    llama.cpp built-in name (``gemma``, ``llama3``, ... see chat_builtin.py) renders that template.
 
     ``extra`` becomes template variables (``tools``, ``documents``, ``enable_thinking``, ...).
     """
@@ -87,6 +93,9 @@ def render_chat(template: str | None, messages: list[dict], add_generation_promp
         template = CHATML_TEMPLATE
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise ChatTemplateError("messages must be a list of objects")
+    name = builtin_name(template)
+    if name is not None:
+        return render_builtin(name, messages, add_generation_prompt)
     compiled = _compile(template)
     try:
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
