@@ -5,7 +5,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from llamarpc.proto import pb
-from llamarpc.proto.types import GGMLType
+from llamarpc.proto.types import GGMLType, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,18 @@ class GraphBuilder:
                                               type=int(ref.type), shape=list(ref.shape)))
             v = self._tensor_ids[ref] = Value("tensor", len(self._tensors) - 1)
         return v
+
+    def rows(self, v: Value, start: int, n: int) -> Value:
+        """Rows [start, start + n) of a stored 2-d tensor, as a tensor of their own: a view of the same
+        bytes (a fused QKV or gate-up weight's parts; the node wants the offset 32-byte aligned)."""
+        if v.kind != "tensor":
+            raise ValueError("rows() takes a stored tensor")
+        t = self._tensors[v.index]
+        typ, shape = GGMLType(t.type), tuple(t.shape)
+        if len(shape) != 2 or not 0 <= start <= start + n <= shape[0]:
+            raise ValueError(f"rows [{start}, {start + n}) of a tensor shaped {shape}")
+        off = t.offset + (tensor_nbytes(typ, (start, shape[1])) if start else 0)
+        return self.tensor(TensorRef(t.buffer_id, off, typ, (n, shape[1])))
 
     def op(self, op_type: int, *args: Value, **attrs: float | int) -> Value:
         self._ops.append((op_type, args, attrs))

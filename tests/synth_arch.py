@@ -153,3 +153,67 @@ def gemma3_reference(m: ArchModel, tokens: list[int]) -> np.ndarray:
     if hp["final_softcap"]:
         logits = hp["final_softcap"] * np.tanh(logits / hp["final_softcap"])
     return logits
+
+
+def write_llama_like(path: Path, arch: str, qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                     n_head_kv: int = 2, head_dim: int = 32, n_ff: int = 128, window: int = 0,
+                     seed: int = 0) -> ArchModel:
+    """qwen3 (QK-norm, head_dim apart from n_embd / n_head) or phi3 (fused attn_qkv and gate-up
+    ffn_up, optional sliding window on every layer); both neox rope, tied output."""
+    hp = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=n_ff,
+              eps=1e-6, rope_base=10000.0, window=window, qk_norm=arch == "qwen3")
+    w = _writer(path, arch, hp)
+    if window:
+        w.add_sliding_window(window)
+    weights: dict[str, np.ndarray] = {}
+    add = _adder(w, np.random.default_rng(seed), weights)
+    add("token_embd.weight", (hp["n_vocab"], n_embd), qtype, 0.5)
+    qd, kd = n_head * head_dim, n_head_kv * head_dim
+    for i in range(n_layer):
+        p = f"blk.{i}"
+        add(f"{p}.attn_norm.weight", (n_embd,), T.F32, 0.1, 1.0)
+        if arch == "phi3":
+            add(f"{p}.attn_qkv.weight", (qd + 2 * kd, n_embd), qtype)
+            qkv = weights.pop(f"{p}.attn_qkv.weight")
+            weights[f"{p}.attn_q.weight"], weights[f"{p}.attn_k.weight"], weights[f"{p}.attn_v.weight"] = (
+                qkv[:qd], qkv[qd:qd + kd], qkv[qd + kd:])
+        else:
+            for n, rows in (("q", qd), ("k", kd), ("v", kd)):
+                add(f"{p}.attn_{n}.weight", (rows, n_embd), qtype)
+            add(f"{p}.attn_q_norm.weight", (head_dim,), T.F32, 0.1, 1.0)
+            add(f"{p}.attn_k_norm.weight", (head_dim,), T.F32, 0.1, 1.0)
+        add(f"{p}.attn_output.weight", (n_embd, qd), qtype)
+        add(f"{p}.ffn_norm.weight", (n_embd,), T.F32, 0.1, 1.0)
+        if arch == "phi3":
+            add(f"{p}.ffn_up.weight", (2 * n_ff, n_embd), qtype)
+            gu = weights.pop(f"{p}.ffn_up.weight")
+            weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"] = gu[:n_ff], gu[n_ff:]
+        else:
+            add(f"{p}.ffn_gate.weight", (n_ff, n_embd), qtype)
+            add(f"{p}.ffn_up.weight", (n_ff, n_embd), qtype)
+        add(f"{p}.ffn_down.weight", (n_embd, n_ff), qtype)
+    add("output_norm.weight", (n_embd,), T.F32, 0.1, 1.0)
+    _finish(w)
+    return ArchModel(path, arch, weights, hp)
+
+
+def llama_like_reference(m: ArchModel, tokens: list[int]) -> np.ndarray:
+    """The llama block with neox rope, per-head QK-norm when hp['qk_norm'], the window on every layer."""
+    W = {k: v.astype(np.float64) for k, v in m.weights.items()}
+    hp = m.hp
+    n, d, eps = len(tokens), hp["head_dim"], hp["eps"]
+    x = W["token_embd.weight"][tokens]
+    for i in range(hp["n_layer"]):
+        p = f"blk.{i}"
+        h = _rms(x, W[f"{p}.attn_norm.weight"], eps)
+        q = (h @ W[f"{p}.attn_q.weight"].T).reshape(n, hp["n_head"], d)
+        k = (h @ W[f"{p}.attn_k.weight"].T).reshape(n, hp["n_head_kv"], d)
+        v = (h @ W[f"{p}.attn_v.weight"].T).reshape(n, hp["n_head_kv"], d)
+        if hp["qk_norm"]:
+            q, k = _rms(q, W[f"{p}.attn_q_norm.weight"], eps), _rms(k, W[f"{p}.attn_k_norm.weight"], eps)
+        q, k = _rope_neox(q, hp["rope_base"]), _rope_neox(k, hp["rope_base"])
+        x = x + _attend(q, k, v, d ** -0.5, hp["window"]).reshape(n, -1) @ W[f"{p}.attn_output.weight"].T
+        h = _rms(x, W[f"{p}.ffn_norm.weight"], eps)
+        g = h @ W[f"{p}.ffn_gate.weight"].T
+        x = x + (g / (1 + np.exp(-g)) * (h @ W[f"{p}.ffn_up.weight"].T)) @ W[f"{p}.ffn_down.weight"].T
+    return _rms(x, W["output_norm.weight"], eps) @ W["token_embd.weight"].T

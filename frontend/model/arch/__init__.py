@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gemma3, llama, qwen2
+from . import gemma3, llama, phi3, qwen2, qwen3
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3}
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3, "qwen3": qwen3, "phi3": phi3}
 
 
 def get_architecture(name: str) -> ModuleType:

@@ -42,6 +42,8 @@ class ModelArgs:
     n_rot: int = 0                   # 0: head_dim
     rope_mode: int = ROPE_NORMAL
     qkv_bias: bool = False
+    qk_norm: bool = False            # per-head RMS norm of Q and K before rope (qwen3)
+    sliding_window: int = 0          # every layer (phi3)
     tied_output: bool = False
 
     def __post_init__(self) -> None:
@@ -97,6 +99,8 @@ def layer_tensor_names(args: ModelArgs, i: int) -> list[str]:
              ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
     if args.qkv_bias:
         names += [f"blk.{i}.attn_{n}.bias" for n in ("q", "k", "v")]
+    if args.qk_norm:
+        names += [f"blk.{i}.attn_{n}_norm.weight" for n in ("q", "k")]
     return names
 
 
@@ -141,21 +145,39 @@ def build_layer(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, w: Callable
     q = _linear(gb, h, w, f"{p}.attn_q", args.qkv_bias)
     k = _linear(gb, h, w, f"{p}.attn_k", args.qkv_bias)
     v = _linear(gb, h, w, f"{p}.attn_v", args.qkv_bias)
+    return attend_and_ffn(gb, args, i, x, q, k, v, w, kv, s)
+
+
+def attend_and_ffn(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, q: Value, k: Value, v: Value,
+                   w: Callable[[str], Value], kv: tuple[Value, Value], s: StepInputs,
+                   ffn: Callable[[Value], Value] | None = None) -> Value:
+    """The rest of a llama block from its Q, K, V: (QK-norm,) rope, attention, output projection and
+    residual, then the FFN (SwiGLU of ffn_gate/ffn_up unless `ffn` is given) and its residual."""
+    p = f"blk.{i}"
+    if args.qk_norm:
+        q = gb.head_rms_norm(q, w(f"{p}.attn_q_norm.weight"), args.rms_eps, args.head_dim)
+        k = gb.head_rms_norm(k, w(f"{p}.attn_k_norm.weight"), args.rms_eps, args.head_dim)
     rope = dict(head_dim=args.head_dim, n_dims=args.n_rot, mode=args.rope_mode,
                 freq_base=args.rope_base, freq_scale=args.rope_scale)
     q = gb.rope(q, s.pos, **rope)
     k = gb.rope(k, s.pos, **rope)
     a = gb.attention(q, k, v, kv[0], kv[1], s.cells, s.pos, s.seq, s.kv_pos, s.kv_seq,
                      n_head=args.n_head, n_head_kv=args.n_head_kv, head_dim=args.head_dim,
-                     scale=args.head_dim ** -0.5)
+                     scale=args.head_dim ** -0.5, sliding_window=args.sliding_window)
     x = gb.add(x, gb.matmul(a, w(f"{p}.attn_output.weight")))
     h = gb.mul(gb.rms_norm(x, args.rms_eps), w(f"{p}.ffn_norm.weight"))
-    f = gb.swiglu(gb.matmul(h, w(f"{p}.ffn_gate.weight")), gb.matmul(h, w(f"{p}.ffn_up.weight")))
+    if ffn is None:
+        f = gb.swiglu(gb.matmul(h, w(f"{p}.ffn_gate.weight")), gb.matmul(h, w(f"{p}.ffn_up.weight")))
+    else:
+        f = ffn(h)
     return gb.add(x, gb.matmul(f, w(f"{p}.ffn_down.weight")))
 
 
+Layer = Callable[[GraphBuilder, ModelArgs, int, Value, Callable[[str], Value], tuple[Value, Value], StepInputs], Value]
+
+
 def build_graph(gb: GraphBuilder, args: ModelArgs, layers: range, first: bool, last: bool,
-                w: Callable[[str], Value], kv: Mapping[int, tuple[Value, Value]]) -> None:
+                w: Callable[[str], Value], kv: Mapping[int, tuple[Value, Value]], layer: Layer | None = None) -> None:
     """Inputs: tokens I32[n] (first stage) or hidden F32[n, n_embd]; the StepInputs; out_rows
     I32[r] (last stage). Output: logits F32[r, n_vocab] (last stage) or hidden."""
     if first:
@@ -164,7 +186,7 @@ def build_graph(gb: GraphBuilder, args: ModelArgs, layers: range, first: bool, l
         x = gb.input("hidden", GGMLType.F32, ("n", args.n_embd))
     s = step_inputs(gb)
     for i in layers:
-        x = build_layer(gb, args, i, x, w, kv[i], s)
+        x = (layer or build_layer)(gb, args, i, x, w, kv[i], s)
     if not last:
         gb.output("hidden", x)
         return
