@@ -90,7 +90,7 @@ def main() -> int:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO if a.verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     tmp = Path(tempfile.mkdtemp(prefix="node-loss-"))
-    nodes = [start_node(tmp) for _ in range(3 if a.for_good else 2)]
+    nodes = [start_node(tmp, ready_timeout=180) for _ in range(3 if a.for_good else 2)]
     eng = None
     lost = completed = equal = 0
     try:

@@ -111,12 +111,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    nodes = [start_node(tmp), start_node(tmp)]
+    # a restarted node may compile its kernels first (a changed kernels.c): give it time
+    nodes = [start_node(tmp, ready_timeout=180), start_node(tmp, ready_timeout=180)]
     proc = None
     counts = Counts()
     try:
         proc, url = start_frontend(["-m", a.model, "-c", str(512 * a.concurrency), "-np", str(a.concurrency),
-                                    "--rpc", ",".join(n.address for n in nodes), "--node-grace", "30", "--metrics"],
+                                    "--rpc", ",".join(n.address for n in nodes), "--node-grace", "120", "--metrics"],
                                    tmp / "frontend.log")
         head = f"{'requests':>8}  {'ok':>6}  {'dropped':>7}  {'failed':>6}  {'frontend MiB':>12}  " + "  ".join(
             f"{'node' + str(i) + ' MiB':>9}" for i in range(len(nodes)))
@@ -155,7 +156,8 @@ def main() -> int:
             metrics = client.get("/metrics").text
         if done[0] % a.sample_every:
             sample()
-        keep = ("node_losses_total", "node_reattached_total", "replayed_tokens_total", "streams_resumed_total",
+        keep = ("node_losses_total", "node_reattached_total", "layer_replacements_total",
+                "replayed_tokens_total", "streams_resumed_total",
                 "streams_failed_total")
         print(f"total: {a.requests} requests, {counts.ok} ok, {counts.dropped} dropped by the client, "
               f"{counts.failed} failed; {restarts} node restarts; "
