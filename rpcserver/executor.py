@@ -181,7 +181,8 @@ KERNELS: dict[int | str, Kernel] = {
     pb.ATTENTION: _attention,
     pb.SILU: _unary(K.silu),
     pb.GELU: _unary(K.gelu),
-    pb.SWIGLU: _binary(K.swiglu),
+    pb.SWIGLU: lambda c, op: (cpu_ops.swiglu(c.arg(op.args[0]), c.arg(op.args[1])) if c.dev.is_cpu
+                              else K.swiglu(c.xp, c.arg(op.args[0]), c.arg(op.args[1]))),
     pb.SOFTMAX: _unary(K.softmax),
     pb.SOFTCAP: lambda c, op: K.softcap(c.xp, c.arg(op.args[0]), op.attrs.scale),
     pb.POOL: _pool,

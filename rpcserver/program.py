@@ -35,7 +35,8 @@ from .graph import Plan, Step, kind_name
 from .quant import native
 from .quant import ops as cpu_ops
 
-PR_GEMV, PR_GEMV_MULTI, PR_QUANT, PR_GEMV_FAST, PR_ATTENTION, PR_ROPE, PR_RMS, PR_ADD, PR_MUL, PR_GATHER = range(1, 11)
+(PR_GEMV, PR_GEMV_MULTI, PR_QUANT, PR_GEMV_FAST, PR_ATTENTION, PR_ROPE, PR_RMS, PR_ADD, PR_MUL, PR_GATHER,
+ PR_SWIGLU) = range(1, 12)
 ENABLED = os.environ.get("LLAMARPC_PROGRAMS", "1") != "0"   # 0: every Compute step by step (debugging)
 MAX_ARENA = 64 << 20    # bytes of intermediates a program may keep between Computes
 MAX_PROGRAMS = 4        # signatures kept per plan (the oldest goes first)
@@ -355,6 +356,11 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
             if pa is None or pb_ is None or not (pa == n or pb_ == n) or min(pa, pb_) == 0:
                 return None
             return [[PR_ADD if st.kind == pb.ADD else PR_MUL, addr(a[0]), pa, addr(a[1]), pb_, n, addr(out)]]
+        if st.kind == pb.SWIGLU:
+            g, u = a
+            if stored(g) or stored(u) or not (f32(g) and f32(u)) or shape(g) != shape(u):
+                return None
+            return [[PR_SWIGLU, addr(g), addr(u), math.prod(shape(g)), addr(out)]]
         if st.kind == pb.GET_ROWS:
             tbl, ids = a
             if not stored(tbl) or len(spec(tbl).shape) != 2 or not i32(ids) or len(shape(ids)) != 1:

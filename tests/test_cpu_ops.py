@@ -317,3 +317,33 @@ def test_reference_fallback(monkeypatch):
     x = np.ones((2, 8), np.float32)
     np.testing.assert_array_equal(ops.rms_norm(x, 0.0), np.ones((2, 8), np.float32))
     np.testing.assert_array_equal(ops.rope(x, np.zeros(2, np.int32), 8, 8, 0, 10000.0, 1.0), x)
+
+
+# -- swiglu --------------------------------------------------------------------------------------
+
+def test_swiglu_matches_reference():
+    rng = np.random.default_rng(5)
+    g = np.concatenate([rng.standard_normal(4093).astype(np.float32) * 6,
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 40, -40, 87, -87, 88.5, -88.5, 200, -200, 1e38, -1e38],
+                                 np.float32)])
+    u = rng.standard_normal(g.size).astype(np.float32)
+    got, want = ops.swiglu(g, u), K.swiglu(XP, g, u)
+    assert got.dtype == np.float32 and got.shape == g.shape
+    # the kernel's exp form is within a few ulp of the float64 truth ...
+    g64, u64 = g.astype(np.float64), u.astype(np.float64)
+    with np.errstate(over="ignore"):
+        truth = g64 / (1.0 + np.exp(-g64)) * u64
+    np.testing.assert_allclose(got, truth, rtol=2e-6, atol=1e-36)
+    # ... where the reference's tanh form, 0.5 * (1 + tanh(g/2)), cancels for negative g: its
+    # error is a few ulp of 1 times |g u|, not of the result
+    assert np.all(np.abs(got.astype(np.float64) - want) <= 1e-6 * np.abs(g64 * u64) + 1e-36)
+    # 2-d, and a view that is not contiguous goes through a contiguous copy
+    g2, u2 = g[:4096].reshape(64, 64), u[:4096].reshape(64, 64)
+    np.testing.assert_array_equal(ops.swiglu(g2.T, u2.T), ops.swiglu(np.ascontiguousarray(g2.T), np.ascontiguousarray(u2.T)))
+
+
+def test_swiglu_off_the_fast_path_is_the_reference():
+    g = np.ones((2, 3), np.float64)
+    np.testing.assert_array_equal(ops.swiglu(g, g), K.swiglu(XP, g, g))
+    with pytest.raises(K.ShapeError):
+        ops.swiglu(np.ones((2, 3), np.float32), np.ones((3, 2), np.float32))

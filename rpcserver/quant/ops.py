@@ -1,7 +1,8 @@
 """The compiled CPU versions of the hot non-matmul ops (``ops.c``, built with the quantized kernels
-by ``native``): attention, rope and rms_norm, each computing what its reference in
+by ``native``): attention, rope, rms_norm and swiglu, each computing what its reference in
 ``rpcserver/kernels.py`` computes: attention within float32 rounding (its K/V cache writes bit for
-bit), rms_norm bit for bit (numpy's summation order), rope with the reference's float64 angles.
+bit), rms_norm bit for bit (numpy's summation order), rope with the reference's float64 angles,
+swiglu within a few ulp (its own exp, vectorised, where the reference has numpy's tanh).
 
 The wrappers take and return numpy arrays. Anything off the fast path (no compiler, an odd dtype or
 layout, a shape the reference rejects) goes to the reference kernel with numpy as ``xp``, so errors
@@ -29,6 +30,7 @@ _ready = False
 _run_attention: Any = None
 _run_rope: Any = None
 _run_rms: Any = None
+_run_swiglu: Any = None
 
 # every argument of an op in one byte string of 8-byte fields, as the ops_*_args structs in ops.c
 _ATTENTION_ARGS = struct.Struct("=q5Q5q3Qq2Q4qdqdQ")
@@ -38,14 +40,17 @@ _RMS_ARGS = struct.Struct("=qQ2qQdQ")
 
 def _load() -> Any:
     """The library with the ops' argtypes declared, or None (then the reference kernels run)."""
-    global _lib, _ready, _run_attention, _run_rope, _run_rms
+    global _lib, _ready, _run_attention, _run_rope, _run_rms, _run_swiglu
     lib = native.load()
     if lib is not None:
         try:
             _run_attention, _run_rope, _run_rms = lib.op_attention_packed, lib.op_rope_packed, lib.op_rms_norm_mul_packed
+            _run_swiglu = lib.op_swiglu
         except AttributeError:   # a library built without ops.c
             lib = None
         else:
+            _run_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            _run_swiglu.restype = None
             for fn in (_run_attention, _run_rope, _run_rms):
                 fn.argtypes = [ctypes.c_char_p]
             _run_attention.restype = ctypes.c_int
@@ -218,4 +223,18 @@ def rms_norm(x, eps: float, w=None) -> np.ndarray:
         w = np.ascontiguousarray(w, _F32)
         pw = _addr(w)
     _run_rms(_RMS_ARGS.pack(_DATA_OFF, _addr(x), x.size // kk, kk, pw, eps, _addr(out)))
+    return out
+
+
+# -- swiglu --------------------------------------------------------------------------------------
+
+def swiglu(gate, up) -> np.ndarray:
+    """kernels.swiglu on numpy arrays: silu(gate) * up, within a few ulp of the reference."""
+    lib = _lib if _ready else _load()
+    if (lib is None or type(gate) is not np.ndarray or type(up) is not np.ndarray or gate.shape != up.shape
+            or gate.dtype != _F32 or up.dtype != _F32):
+        return K.swiglu(_NP, gate, up)
+    gate, up = np.ascontiguousarray(gate), np.ascontiguousarray(up)
+    out = np.empty(gate.shape, _F32)
+    _run_swiglu(gate.ctypes.data, up.ctypes.data, gate.size, out.ctypes.data)
     return out

@@ -23,6 +23,7 @@ void op_rope(const float *x, float *out, const int32_t *pos, int64_t N, int64_t 
              int64_t n_dims, int mode, const double *inv_freq);
 void op_rms_norm_mul(const float *x, int64_t N, int64_t K, const float *w, float eps, float *out);
 void quantize_q8(const float *x, int64_t N, int64_t K, int8_t *xq, float *xd, float *xs16);
+void op_swiglu(const float *g, const float *u, int64_t n, float *out);
 
 enum {
     PR_GEMV = 1,        /* fn, raw, row_bytes, K, M, x, N, out */
@@ -36,6 +37,7 @@ enum {
     PR_ADD = 8,         /* a, a_period, b, b_period, n, out: out[i] = a[i % ap] + b[i % bp] */
     PR_MUL = 9,         /* the same with * */
     PR_GATHER = 10,     /* fn, raw, row_bytes, K, rows, ids, n, out */
+    PR_SWIGLU = 11,     /* gate, up, n, out */
 };
 
 typedef void (*gemv_fn)(const uint8_t *, int64_t, int64_t, int64_t, const float *, int64_t, float *);
@@ -116,6 +118,9 @@ int64_t run_program(const int64_t *rec, int64_t n_fields) {
             ((gather_fn)P(0))(P(1), f[2], f[3], ids, f[6], P(7));
             break;
         }
+        case PR_SWIGLU:
+            op_swiglu(P(0), P(1), f[2], P(3));
+            break;
         default:
             return idx * 16 + 4;
         }
