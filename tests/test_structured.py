@@ -110,3 +110,84 @@ def test_constrained_and_free_requests_share_a_batch(server, monkeypatch):
         t.join(60)
     assert re.fullmatch("[a-z]{40,}", out["lower"]) and not re.fullmatch("[a-z]*", out["free"])
     assert sum(len(s) == 2 for s in seqs) >= 20       # most decode steps carried both requests
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Za-z]{1,8}$"},
+                                     "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+NOOP = {"type": "function", "function": {"name": "noop"}}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forced_tool_call(http, parallel):
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER, NOOP], "max_tokens": 120,
+            "temperature": 0, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": parallel}
+    r = http.post("/v1/chat/completions", json=body).json()
+    ch = r["choices"][0]
+    assert ch["finish_reason"] == "tool_calls" and ch["message"]["content"] is None
+    (call,) = ch["message"]["tool_calls"]       # a named function: one call
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
+    with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        chunks = [e for e in sse_events(s.iter_lines()) if isinstance(e, dict)]
+    deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["index"] == 0
+    assert "".join(d["function"]["arguments"] for d in deltas) == call["function"]["arguments"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_history_renders_as_generic_json(http):
+    """ChatML (the synthetic model's template) has no tool support: the tools go in the system
+    prompt, assistant calls and tool results become llama.cpp's generic JSON."""
+    from llamarpc.frontend.api.tools import parse_tools, prepare_messages
+    msgs = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "cold"}]
+    spec = parse_tools({"tools": [WEATHER]}, None)
+    out = prepare_messages(msgs, spec, None)
+    assert out[0]["role"] == "system" and "get_weather" in out[0]["content"] and "`tool_call`" in out[0]["content"]
+    assert json.loads(out[2]["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"},
+                                                           "id": "call_1"}}
+    assert out[3] == {"role": "user", "content": json.dumps(
+        {"tool_response": {"tool": "", "content": "cold", "tool_call_id": "call_1"}})}
+    r = http.post("/v1/chat/completions", json={"messages": msgs, "tools": [WEATHER], "tool_choice": "none",
+                                                "max_tokens": 4}).json()
+    assert r["choices"][0]["finish_reason"] == "length" and "tool_calls" not in r["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"tools": "x"}, "'tools'"),
+    ({"tools": [{"type": "function", "function": {}}]}, "name"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
+    ({"tool_choice": "required"}, "requires 'tools'"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]}, "'tools'"),
+])
+def test_bad_tools_are_400(http, extra, needle):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **extra})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_native_template_format(tmp_path):
+    """A template that renders `tools` itself gets them as HF passes them; its Hermes-style output
+    is parsed, and a forced call's grammar (Lark with the tools' schemas) compiles and holds."""
+    from llamarpc.frontend.api.tools import hermes_lark, parse_output, parse_tools, template_tools
+    from llamarpc.frontend.model.tokenizer import Tokenizer
+    from llamarpc.frontend.sampling.constraint import Grammar, ll_tokenizer
+    template = "{% for t in tools %}{{ t.function.name }}{% endfor %}<tool_call>"
+    spec = parse_tools({"tools": [WEATHER], "tool_choice": "required"}, template)
+    assert spec.native and template_tools(spec)["tools"][0]["function"]["name"] == "get_weather"
+    text = 'ok <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>'
+    content, calls = parse_output(text, spec)
+    assert content == "ok" and calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "unit": "c"}
+    write_model(tmp_path / "m.gguf")
+    tok = Tokenizer.from_gguf(str(tmp_path / "m.gguf"))
+    c = Grammar.from_lark(hermes_lark(spec), ll_tokenizer(tok)).start()
+    for t in tok.encode(text[3:], add_special=False):
+        assert c.accept(t)
+    assert c.accepting

@@ -116,6 +116,10 @@ def chat_first_chunk(cid: str, model: str) -> dict:
     return _chunk(cid, model, [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}])
 
 
+def chat_delta(cid: str, model: str, delta: dict) -> dict:
+    return _chunk(cid, model, [{"finish_reason": None, "index": 0, "delta": delta}])
+
+
 def chat_delta_chunk(e: PartialEvent, cid: str, model: str, post: bool) -> dict | None:
     if not e.text and not e.probs:
         return None

@@ -12,6 +12,7 @@ from .checks import encode_chat_off_loop
 from .errors import bad_request
 from .formats import (
     chat_completion,
+    chat_delta,
     chat_delta_chunk,
     chat_final_chunks,
     chat_first_chunk,
@@ -22,7 +23,8 @@ from .formats import (
 from .params import Body, check_context, parse_json, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .stream import Submission
-from .structured import response_format_grammar
+from .structured import lark_grammar, response_format_grammar, schema_grammar
+from .tools import finish, generic_schema, hermes_lark, parse_tools, prepare_messages, shape_reply, stream_deltas, template_tools
 
 router = APIRouter()
 
@@ -58,15 +60,25 @@ async def chat_completions(request: Request) -> Response:
     assert st.model is not None and st.engine is not None
     body = parse_json(await request.body())
     b = Body(body)
-    messages = parse_messages(body.get("messages"))
+    spec = parse_tools(body, st.chat_template)
+    messages = prepare_messages(parse_messages(body.get("messages")), spec, st.chat_template)
     params = task_params(b, st, oai_chat=True)
-    rf = response_format_grammar(body.get("response_format"), st)
-    if rf is not None:
+    grammar = response_format_grammar(body.get("response_format"), st)
+    if spec is not None:
+        if grammar is not None:
+            raise bad_request("'response_format' cannot be combined with 'tools'")
+        if not spec.native:
+            grammar = schema_grammar("tools", generic_schema(spec), st)
+        elif spec.forced:
+            grammar = lark_grammar("tools", hermes_lark(spec), st)
+    if grammar is not None:
         if params.sampling.grammar is not None:
-            raise bad_request("'response_format' and 'grammar'/'json_schema' cannot be used together")
-        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=rf))
-    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, template_extra(body)),
-                                        st.engine.n_ctx_slot)
+            raise bad_request("'response_format'/'tools' and 'grammar'/'json_schema' cannot be used together")
+        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=grammar))
+    extra = template_extra(body)
+    extra.pop("tools", None)
+    extra.update(template_tools(spec))
+    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, extra), st.engine.n_ctx_slot)
     if not prompt:
         raise bad_request("the chat template rendered an empty prompt")
     check_context([prompt], params, st.engine.n_ctx_slot)
@@ -81,11 +93,19 @@ async def chat_completions(request: Request) -> Response:
     sub = Submission(st, request, [prompt], params)
     sub.start()
     if not params.stream:
-        return JSONResponse(chat_completion((await _collect(sub))[0], cid, model))
+        reply = chat_completion((await _collect(sub))[0], cid, model)
+        return JSONResponse(shape_reply(reply, spec) if spec is not None else reply)
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
-            return chat_final_chunks(ev, cid, model, include_usage)
+            if spec is None:
+                return chat_final_chunks(ev, cid, model, include_usage)
+            deltas, calls = stream_deltas(ev.content, spec)      # held back until it parses
+            last = chat_final_chunks(ev, cid, model, include_usage)
+            last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
+            return [chat_delta(cid, model, d) for d in deltas] + last
+        if spec is not None:
+            return []
         chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
         return [chunk] if chunk is not None else []
 

@@ -40,6 +40,10 @@ def gbnf_grammar(field: str, text: Any, state: ServerState) -> Grammar:
     return _compile(field, Grammar.from_gbnf, text, state)
 
 
+def lark_grammar(field: str, text: str, state: ServerState) -> Grammar:
+    return _compile(field, Grammar.from_lark, text, state)
+
+
 def completion_grammar(body: dict[str, Any], state: ServerState) -> Grammar | None:
     """/completion's `grammar` (GBNF) or `json_schema`; both at once is an error, as in llama.cpp."""
     grammar = body.get("grammar")
