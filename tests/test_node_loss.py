@@ -69,7 +69,7 @@ def test_node_back_within_grace_streams_continue_equal(synth_path):
             assert [tok for e in run.events[t.id] if isinstance(e, PartialEvent) for tok in e.tokens] == f.tokens
         st = eng.recovery.stats
         assert (st.n_node_losses, st.n_reattached, st.n_replaced, st.n_streams_resumed) == (1, 1, 0, 3)
-        assert st.n_replayed_tokens >= sum(len(p) + 5 for p in ps)
+        assert st.n_replayed_tokens >= sum(len(p) + 4 for p in ps)    # the last token sampled is not cached yet
         assert eng.health_error is None and not eng.recovery.active
     finally:
         eng.stop()
