@@ -88,9 +88,14 @@ def add_llama_hparams(w: gguf.GGUFWriter, *, n_layer: int, n_ctx: int, n_embd: i
 
 def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 256,
                 n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, seed: int = 0, tied: bool = True,
-                skip_tensor: str | None = None) -> SynthModel:
+                skip_tensor: str | None = None, cls_out: int = 0, fim: bool = False) -> SynthModel:
+    """`cls_out` > 0 adds a classification head (cls.output.weight [cls_out, n_embd] and its bias, a
+    reranker's); `fim` adds FIM tokens (<|fim_prefix|> ... <|file_sep|>, the first three by id keys)."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
+    if fim:
+        tokens += list(FIM_TOKENS)
+        types += [3] * len(FIM_TOKENS)
     n_vocab = len(tokens)
     hd = n_embd // n_head
     w = gguf.GGUFWriter(str(path), arch)
@@ -103,6 +108,9 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
     w.add_bos_token_id(0)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
+    if fim:
+        for key, text in (("fim_pre", "<|fim_prefix|>"), ("fim_suf", "<|fim_suffix|>"), ("fim_mid", "<|fim_middle|>")):
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))
     weights: dict[str, np.ndarray] = {}
 
     def add(name: str, shape: tuple[int, ...], t: T, scale: float = 0.2, shift: float = 0.0) -> None:
@@ -135,12 +143,25 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
     add("output_norm.weight", (n_embd,), T.F32, shift=1.0)
     if not tied:
         add("output.weight", (n_vocab, n_embd), qtype)
+    if cls_out:
+        add("cls.output.weight", (cls_out, n_embd), T.F32)
+        add("cls.output.bias", (cls_out,), T.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return SynthModel(path, arch, weights, n_layer, n_embd, n_head, n_head_kv, n_ff, 10000.0, 1e-5,
                       arch == "qwen2", n_vocab)
+
+
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_repo|>", "<|file_sep|>")
+
+
+def reference_hidden(m: SynthModel, tokens: list[int]) -> np.ndarray:
+    """The final norm's rows [n, n_embd] (what embeddings pool): the reference with an identity output."""
+    w = dict(m.weights)
+    w["output.weight"] = np.eye(m.n_embd, dtype=np.float32)
+    return reference_logits(dataclasses.replace(m, weights=w), tokens)
 
 
 def reference_logits(m: SynthModel, tokens: list[int]) -> np.ndarray:

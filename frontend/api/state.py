@@ -26,12 +26,15 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     metrics: bool = False
     slots: bool = False
+    webui: bool = True                      # the chat page at / (--no-webui: off)
     timeout: float = 600.0
     cache_prompt: bool = True
     ignore_eos: bool = False
     cors_origins: tuple[str, ...] = ("*",)  # '*' reflects any Origin, with credentials (as llama-server)
     max_body: int = 4 << 20                 # bytes; a larger request body is a 413
     max_json_depth: int = 64                # deeper nesting is a 400
+    embeddings: bool = False                # --embeddings (--reranking sets it too)
+    pooling: str | None = None              # --pooling; None: the model's own
 
     @property
     def model_name(self) -> str:

@@ -16,12 +16,13 @@ when a new request arrives).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from llamarpc.proto.errors import BackendError, NodeUnavailable
@@ -105,6 +106,8 @@ class Engine:
         self._last_recover = 0.0
         self._dry_cache: dict[tuple[str, ...], dict[int, list[tuple[int, ...]]]] = {}
         self._lock = threading.Lock()   # guards _dry_cache for callers on other threads
+        self.embedder: object | None = None     # an embed.Embedder with --embeddings
+        self._calls: queue.Queue[tuple[Callable[[Engine], object], concurrent.futures.Future]] = queue.Queue()
 
     # -- API for handlers (any thread) ------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +122,26 @@ class Engine:
 
     def submit(self, task: Task) -> None:
         self._inbox.put(task)
+
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between two steps (the nodes and KV cells are its own
+        there: embeddings, rerank); the future holds its result or exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, fut))
+        self._inbox.put(None)   # wake the loop
+        return fut
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, fut = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
 
     def cancel(self, task: Task) -> None:
         task.cancel()
@@ -179,6 +202,7 @@ class Engine:
                 if self._stopping:
                     break
                 self._drop_cancelled()
+                self._run_calls()
                 if self.health_error is not None:
                     self._recover()
                 self._assign()

@@ -51,6 +51,8 @@ class Stage:
     kv_bytes: int = 0
     bytes_sent: int = 0
     lost: bool = False
+    refs: dict[str, TensorRef] = dataclasses.field(default_factory=dict)     # the weights on the node
+    kv_refs: dict[int, tuple[TensorRef, TensorRef]] = dataclasses.field(default_factory=dict)  # layer -> K, V
 
 
 class Pipeline:
@@ -147,10 +149,10 @@ class Pipeline:
         stage.kv_bytes = per * 2 * len(stage.layers)
         stage.kv_buffer = b.alloc_buffer(stage.kv_bytes)
         gb = GraphBuilder()
-        kv_values = {}
-        for j, i in enumerate(stage.layers):
-            kv_values[i] = tuple(gb.tensor(TensorRef(stage.kv_buffer, (2 * j + h) * per, self.kv_type,
-                                                     (self.n_ctx, kv_dim))) for h in (0, 1))
+        stage.refs = refs
+        stage.kv_refs = {i: tuple(TensorRef(stage.kv_buffer, (2 * j + h) * per, self.kv_type, (self.n_ctx, kv_dim))
+                                  for h in (0, 1)) for j, i in enumerate(stage.layers)}  # type: ignore[misc]
+        kv_values = {i: (gb.tensor(k), gb.tensor(v)) for i, (k, v) in stage.kv_refs.items()}
         self.arch.build_graph(gb, self.args, stage.layers, stage.first, stage.last,
                               lambda n: gb.tensor(refs[n]), kv_values)
         stage.graph_id = b.register_graph(gb.build())
