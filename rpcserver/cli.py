@@ -103,6 +103,9 @@ def _port_busy(host: str, port: int) -> str | None:
         return f"cannot resolve {host}: {e.strerror or e}"
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # as gRPC binds: a port whose old connections linger in TIME_WAIT (a node just restarted
+        # on it) is free; one with a listener is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
         except OSError as e:

@@ -113,7 +113,11 @@ def test_truncated_file(tmp_path, keep):
 
 
 def test_missing_file(tmp_path):
-    _one_error_line(_run_cli(tmp_path / "nope.gguf"), "no such model file")
+    # found while the flags are parsed: a usage error (exit 2), one line naming the flag and file
+    r = _run_cli(tmp_path / "nope.gguf")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("llamarpc: error:")]
+    assert len(errors) == 1 and "-m/--model" in errors[0] and "nope.gguf: no such file" in errors[0], r.stderr
 
 
 def test_f16_kv_cache_close_to_f32(tmp_path):
