@@ -19,10 +19,12 @@ from .routes_llmapi import router as llmapi_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
 from .state import ServerState
+from .webui import router as webui_router
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+# the chat page holds no secrets (llama-server serves its UI without a key too); its API calls carry the key
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/", "/index.html"})
 
 
 class Gate:
@@ -86,6 +88,8 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(oai_router)
     app.include_router(llmapi_router)
     app.include_router(embed_router)
+    if state.settings.webui:
+        app.include_router(webui_router)
     s = state.settings
     app.add_middleware(BodyGuard, max_body=s.max_body, max_depth=s.max_json_depth)    # after the key check
     app.add_middleware(Gate, state=state)

@@ -26,6 +26,7 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     metrics: bool = False
     slots: bool = False
+    webui: bool = True                      # the chat page at / (--no-webui: off)
     timeout: float = 600.0
     cache_prompt: bool = True
     ignore_eos: bool = False

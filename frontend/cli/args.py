@@ -129,6 +129,9 @@ FLAGS: list[Flag] = [
          group=SERVER),
     Flag(("--cors-origins",), "origins a browser may call from, comma-separated; '*' reflects any origin with "
          "credentials, as llama-server does", str, "*", env=_a("CORS_ORIGINS"), group=SERVER, metavar="ORIGIN,..."),
+    Flag(("--webui",), "serve the web chat page at / (the default)", None, True, env=_a("WEBUI"), group=SERVER),
+    Flag(("--no-webui",), "do not serve the web chat page", None, env=_a("NO_WEBUI"), dest="webui", store=False,
+         group=SERVER),
     Flag(("--max-body",), "largest request body in bytes (a larger one is a 413)", ranged(int, 1024), 4 << 20,
          env=_r("MAX_BODY"), group=SERVER, metavar="BYTES"),
     Flag(("--max-json-depth",), "deepest nesting of a request's JSON (deeper is a 400)", ranged(int, 2, 1000), 64,
@@ -182,7 +185,6 @@ FLAGS: list[Flag] = [
     _gpu("-tb", "--threads-batch", env=_a("THREADS_BATCH"), why="-t sets every thread pool"),
     _gpu("-cb", "--cont-batching", env=_a("CONT_BATCHING"), why="batching is always continuous", value=False),
     _gpu("--jinja", env=_a("JINJA"), why="chat templates are always jinja", value=False),
-    _gpu("--no-webui", env=_a("NO_WEBUI"), why="there is no web UI", value=False),
     _gpu("--threads-http", env=_a("THREADS_HTTP"), why="the HTTP server is asynchronous"),
     _gpu("-md", "--model-draft", env=_a("MODEL_DRAFT"), why="speculative decoding is not supported",
          metavar="FNAME"),

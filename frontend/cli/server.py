@@ -49,7 +49,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         model_path=args.model, aliases=aliases, n_parallel=args.parallel, n_predict=args.n_predict,
         sampling=sampling, chat_template=template, system_prompt=args.system_prompt, api_keys=_api_keys(args),
-        metrics=args.metrics, slots=args.slots, timeout=args.timeout, cache_prompt=args.cache_prompt,
+        metrics=args.metrics, slots=args.slots, webui=args.webui, timeout=args.timeout, cache_prompt=args.cache_prompt,
         ignore_eos=args.ignore_eos, cors_origins=origins, max_body=args.max_body, max_json_depth=args.max_json_depth,
         embeddings=args.embeddings or args.reranking, pooling="rank" if args.reranking else args.pooling)
 
