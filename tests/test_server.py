@@ -490,7 +490,8 @@ def test_real_node_killed_mid_stream_then_back(synth, tmp_path):
             assert h["status"] == "ok" and [n["state"] for n in h["nodes"]] == ["attached", "attached"]
             metrics = c.get("/metrics").text
             assert "llamarpc:node_reattached_total 1" in metrics
-            assert f'llamarpc:node_up{{node="{nodes[1].address}",state="attached",layers="1-1"}} 1' in metrics
+            # prometheus-client writes labels sorted by name
+            assert f'llamarpc:node_up{{layers="1-1",node="{nodes[1].address}",state="attached"}} 1' in metrics
             assert c.post("/completion", json=body).json()["content"] == ok
     finally:
         if srv is not None:

@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import ErrorEvent, FinalEvent, PartialEvent, TaskParams
 from .chat import parse_messages, render_prompt, template_extra
 from .checks import generation_settings, pick_fields, prepare_body, tokenize_off_loop
 from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
-from .metrics import render_metrics
+from .metrics import CONTENT_TYPE
 from .params import Body, check_context, parse_json, task_params
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
@@ -103,8 +103,8 @@ async def metrics(request: Request) -> Response:
                               "not_supported_error")
     st = _ready(request)
     assert st.engine is not None
-    return PlainTextResponse(render_metrics(st.engine), media_type="text/plain; version=0.0.4",
-                             headers={"Process-Start-Time-Unix": str(int(st.start_time))})
+    return Response(st.observer.render(), media_type=CONTENT_TYPE,
+                    headers={"Process-Start-Time-Unix": str(int(st.start_time))})
 
 
 async def start_completion(request: Request) -> tuple[ServerState, Body, TaskParams, Submission]:

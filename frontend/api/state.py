@@ -10,6 +10,7 @@ from collections.abc import Callable
 from ..engine import Engine, Model
 from ..model.chat_template import CHATML_TEMPLATE
 from ..sampling import SamplingParams
+from .metrics import Observer
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ServerState:
         self.created = int(time.time())
         self.start_time = time.time()
         self.on_ready: list[Callable[[], None]] = []
+        self.observer = Observer()          # /metrics: its registry
 
     @property
     def ready(self) -> bool:
@@ -59,6 +61,7 @@ class ServerState:
 
     def attach(self, model: Model, engine: Engine) -> None:
         self.model, self.engine = model, engine
+        self.observer.attach(engine)
         for cb in self.on_ready:
             cb()
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..engine import ErrorEvent, Event, FinalEvent, Task, TaskParams
+from ..engine import ErrorEvent, Event, FinalEvent, PartialEvent, Task, TaskParams
 from .errors import APIError
+from .metrics import RequestClock
 from .state import ServerState
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Submission:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks = [Task(p, params, self._sink, index=i) for i, p in enumerate(prompts)]
         self.open = set(range(len(self.tasks)))
+        self.clocks = [RequestClock(state.observer) for _ in self.tasks]   # the /metrics histograms
         self._watch: asyncio.Task[None] | None = None
 
     def _sink(self, ev: Event) -> None:
@@ -83,6 +85,10 @@ class Submission:
         if ev is _DISCONNECTED:
             self.close()
             raise ClientGone()
+        if isinstance(ev, PartialEvent) and ev.tokens:
+            self.clocks[ev.index].token(len(ev.tokens))
+        elif isinstance(ev, FinalEvent) and ev.index in self.open:
+            self.clocks[ev.index].final(ev.timings.prompt_ms, ev.timings.predicted_ms)
         if isinstance(ev, (FinalEvent, ErrorEvent)):
             self.open.discard(ev.index)
         return ev

@@ -1,0 +1,55 @@
+"""/metrics through prometheus-client: valid exposition text, llama.cpp's llamacpp:* names kept,
+and after one streamed request the request histograms (time to first token, inter-token latency,
+queue wait) and the process's RSS and CPU are there and counted."""
+from __future__ import annotations
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from serverproc import start_server
+from synth import write_model
+
+LLAMACPP = ("prompt_tokens_total", "prompt_seconds_total", "tokens_predicted_total", "tokens_predicted_seconds_total",
+            "n_decode_total", "n_tokens_max", "prompt_tokens_seconds", "predicted_tokens_seconds",
+            "n_busy_slots_per_decode", "kv_cache_usage_ratio", "kv_cache_tokens", "requests_processing",
+            "requests_deferred")
+N = 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("metrics") / "synth.gguf"
+    write_model(path, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=7)
+    srv, url = start_server(["-m", str(path), "-c", "256", "--metrics", "--ignore-eos", "-t", "1"])
+    yield url
+    srv.stop()
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):      # raises on text that is not valid exposition
+        for s in fam.samples:
+            out[s.name] = s.value
+    return out
+
+
+def test_every_documented_metric_after_one_request(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Hello"}], "max_tokens": N, "temperature": 0,
+                "stream": True}) as r:
+            assert r.status_code == 200
+            r.read()
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    s = _samples(r.text)
+    for name in LLAMACPP:
+        assert f"llamacpp:{name}" in s, name
+    assert s["llamacpp:tokens_predicted_total"] >= N
+    assert "# TYPE llamacpp:prompt_tokens_total counter" in r.text
+    assert s["llamarpc:time_to_first_token_seconds_count"] == 1
+    assert s["llamarpc:time_to_first_token_seconds_sum"] > 0
+    assert s["llamarpc:inter_token_latency_seconds_count"] == N - 1
+    assert s["llamarpc:queue_wait_seconds_count"] == 1
+    assert s["llamarpc:node_up"] == 1 and "llamarpc:node_losses_total" in s
+    assert s["process_resident_memory_bytes"] > 1 << 20 and s["process_cpu_seconds_total"] > 0
