@@ -84,6 +84,8 @@ def test_compose_commands_parse_and_read_their_files(compose, secrets, tmp_path)
     assert {"node1", "node2", "frontend"} <= set(services)
     seen = set()
     for name, svc in services.items():
+        if name == "prometheus":
+            continue
         program = svc["entrypoint"][0]
         assert program in PROGRAMS, (name, program)
         seen.add(program)
@@ -117,6 +119,8 @@ def test_compose_commands_parse_and_read_their_files(compose, secrets, tmp_path)
 def test_compose_token_is_shared(compose):
     """Every node and the frontend read the same token secret."""
     for name, svc in compose["services"].items():
+        if name == "prometheus":
+            continue
         flag = "--rpc-token-file" if svc["entrypoint"][0] == "llamarpc" else "--auth-token-file"
         cmd = svc["command"]
         assert cmd[cmd.index(flag) + 1] == "/run/secrets/token", name
@@ -150,3 +154,18 @@ def test_dockerfile_copies_every_package():
     assert tops <= copied, f"the Dockerfile does not COPY {sorted(tops - copied)}"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == set(PROGRAMS)
+
+
+def test_prometheus_scrapes_the_frontend_as_compose_runs_it(compose):
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    svc = compose["services"]["prometheus"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in svc["volumes"]
+    front = compose["services"]["frontend"]["command"]
+    assert "--metrics" in front
+    port = front[front.index("--port") + 1]
+    (job,) = prom["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"frontend:{port}"]
+    # HTTPS (the frontend has --ssl-*) with the API key (it has --api-key-file), both as compose secrets
+    assert job["scheme"] == "https" and "--ssl-cert-file" in front and "--api-key-file" in front
+    for path in (job["tls_config"]["ca_file"], job["authorization"]["credentials_file"]):
+        assert path.startswith("/run/secrets/") and path.rsplit("/", 1)[1] in svc["secrets"], path

@@ -3,6 +3,10 @@ and after one streamed request the request histograms (time to first token, inte
 queue wait) and the process's RSS and CPU are there and counted."""
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -53,3 +57,13 @@ def test_every_documented_metric_after_one_request(server):
     assert s["llamarpc:queue_wait_seconds_count"] == 1
     assert s["llamarpc:node_up"] == 1 and "llamarpc:node_losses_total" in s
     assert s["process_resident_memory_bytes"] > 1 << 20 and s["process_cpu_seconds_total"] > 0
+
+
+def test_the_grafana_dashboard_uses_only_names_we_export(server):
+    """deploy/grafana-dashboard.json: every metric a panel queries is one /metrics serves."""
+    dash = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\b((?:llamacpp|llamarpc):[a-z_]+|process_[a-z_]+)", e)}
+    assert len(names) >= 10
+    exported = set(_samples(httpx.get(server + "/metrics").text))
+    assert names <= exported, sorted(names - exported)
