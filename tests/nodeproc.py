@@ -9,7 +9,8 @@
 The node runs one BLAS thread (``-t 1``, OPENBLAS_NUM_THREADS=1) with stderr in a file
 (``node.stderr_text()``). Readiness is the grpc health service answering SERVING (over TLS when
 ``--tls-cert`` is among the flags: that certificate is the root, for self-signed test certs).
-Every channel here disables HTTP proxies: test traffic only ever goes to 127.0.0.1.
+Every channel here disables HTTP proxies: test traffic only ever goes to 127.0.0.1 (or a network
+namespace the test made, tests/test_netns.py).
 """
 from __future__ import annotations
 
@@ -84,8 +85,10 @@ class NodeProc:
 
     def __init__(self, workdir: Path, extra_args: tuple[str, ...], *, tls_ca: bytes | None = None,
                  tls_server_name: str | None = None, env: dict[str, str] | None = None,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, host: str = HOST, wrap: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.host = host
+        self.wrap = tuple(wrap)      # a command prefix, e.g. ("ip", "netns", "exec", NAME)
         self.extra_args = tuple(str(a) for a in extra_args)
         self.cache_dir = workdir / "cache"
         self.port_file = workdir / "port"
@@ -100,7 +103,7 @@ class NodeProc:
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -119,7 +122,7 @@ class NodeProc:
     # -- lifecycle --------------------------------------------------------------------------------
     def _start(self, port: int) -> None:
         self.port_file.unlink(missing_ok=True)
-        cmd = [*_server_command(), "--host", HOST, "--port", str(port), "--port-file", str(self.port_file),
+        cmd = [*self.wrap, *_server_command(), "--host", self.host, "--port", str(port), "--port-file", str(self.port_file),
                "-t", "1", "--cache-dir", str(self.cache_dir), *self.extra_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMARPC_")}
         env.update(OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -183,15 +186,17 @@ class NodeProc:
 
 def start_node(tmp_path: Path | str, *extra_args: str, tls_ca: bytes | None = None,
                tls_server_name: str | None = None, env: dict[str, str] | None = None,
-               ready_timeout: float = READY_TIMEOUT) -> NodeProc:
+               ready_timeout: float = READY_TIMEOUT, host: str = HOST, wrap: tuple[str, ...] = ()) -> NodeProc:
     """Start ``llamarpc-server`` on 127.0.0.1 (a free port) and wait until it serves.
 
     Files (port file, stderr log, weight cache) go to a fresh directory under `tmp_path`. Extra
     flags follow the defaults, so e.g. ``"--host", "0.0.0.0"`` or ``"--cache-dir", ""`` override them.
+    `host` binds another address and `wrap` prefixes the command (tests/test_netns.py runs a node
+    in a network namespace: ``host="10.231.0.2", wrap=("ip", "netns", "exec", NAME)``).
     The caller stops it (``stop()``, or use it as a context manager)."""
     workdir = Path(tmp_path) / f"node{next(_counter)}"
     workdir.mkdir(parents=True, exist_ok=False)
     node = NodeProc(workdir, extra_args, tls_ca=tls_ca, tls_server_name=tls_server_name, env=env,
-                    ready_timeout=ready_timeout)
+                    ready_timeout=ready_timeout, host=host, wrap=wrap)
     node._start(0)
     return node
