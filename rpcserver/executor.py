@@ -240,9 +240,6 @@ def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, i
     return 4 * kept, 4 * transient
 
 
-_kind_name = kind_name
-
-
 def step_bytes(c: Ctx, step: Any) -> tuple[int, int]:
     """(kept, transient) bytes a step is about to allocate, from its argument shapes."""
     if isinstance(step.kind, int):
@@ -284,7 +281,7 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
             kept, transient = step_bytes(c, step)
             if scratch + kept + transient > limit:
                 raise ResourceExhausted(
-                    f"op {step.ops[0]} ({_kind_name(step.kind)}) would need {kept + transient} bytes on top of "
+                    f"op {step.ops[0]} ({kind_name(step.kind)}) would need {kept + transient} bytes on top of "
                     f"{scratch} already held by this Compute; the limit is {limit}")
             scratch += kept
             out = KERNELS[step.kind](c, step)
@@ -300,7 +297,7 @@ def execute(plan: Plan, memory: Memory, session: str, given: dict[str, np.ndarra
                 scratch -= 4 * math.prod(values[v].shape)
                 values[v] = None
     except K.ShapeError as e:
-        raise InvalidArgument(f"op {step.ops[0]} ({_kind_name(step.kind)}): {e}") from None
+        raise InvalidArgument(f"op {step.ops[0]} ({kind_name(step.kind)}): {e}") from None
     result = {}
     for name, idx in plan.outputs:
         v = c.arg(idx)

@@ -86,6 +86,18 @@ def add_llama_hparams(w: gguf.GGUFWriter, *, n_layer: int, n_ctx: int, n_embd: i
     w.add_rope_dimension_count(rot)
 
 
+def add_byte_tokenizer(w: gguf.GGUFWriter, tokens: list[str], types: list[int], merges: list[str]) -> None:
+    """The byte-level BPE vocabulary of `byte_vocab` as GGUF tokenizer metadata (BOS 0, EOS 2)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+
 def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 256,
                 n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, seed: int = 0, tied: bool = True,
                 skip_tensor: str | None = None, cls_out: int = 0, fim: bool = False) -> SynthModel:
@@ -100,14 +112,7 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
     hd = n_embd // n_head
     w = gguf.GGUFWriter(str(path), arch)
     add_llama_hparams(w, n_layer=n_layer, n_ctx=256, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, rot=hd)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    add_byte_tokenizer(w, tokens, types, merges)
     if fim:
         for key, text in (("fim_pre", "<|fim_prefix|>"), ("fim_suf", "<|fim_suffix|>"), ("fim_mid", "<|fim_middle|>")):
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))

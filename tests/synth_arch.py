@@ -9,7 +9,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from synth import add_llama_hparams, byte_vocab, make_weight, to_float
+from synth import add_byte_tokenizer, add_llama_hparams, byte_vocab, make_weight, to_float
 
 
 @dataclasses.dataclass
@@ -28,14 +28,7 @@ def _writer(path: Path, arch: str, hp: dict) -> gguf.GGUFWriter:
                       rope_base=hp["rope_base"])
     w.add_key_length(hp["head_dim"])
     w.add_value_length(hp["head_dim"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
+    add_byte_tokenizer(w, tokens, types, merges)
     hp["n_vocab"] = len(tokens)
     return w
 

@@ -28,24 +28,17 @@ from typing import Any
 from llamarpc.client import GraphBuilder, Value
 from llamarpc.proto.types import GGMLType
 
-from .llama import ROPE_NEOX, StepInputs, step_inputs
+from . import llama
+from .llama import ROPE_NEOX, StepInputs, meta, step_inputs
 
 SWA_PERIOD = 6            # llama.cpp: hparams.set_swa_pattern(6) for gemma3
 ROPE_BASE_LOCAL = 10000.0  # llama.cpp: rope_freq_base_train_swa
 
 
-def _get(md: Mapping[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
-    if key in md:
-        return md[key]
-    if required:
-        raise ValueError(f"model metadata is missing {key!r}")
-    return default
-
-
 def _local_layers(md: Mapping[str, Any], a: str, n_layer: int, window: int) -> tuple[bool, ...]:
     if window <= 0:
         return (False,) * n_layer
-    pattern = _get(md, f"{a}.attention.sliding_window_pattern", SWA_PERIOD)
+    pattern = meta(md, f"{a}.attention.sliding_window_pattern", SWA_PERIOD)
     if isinstance(pattern, (list, tuple)):
         if len(pattern) != n_layer:
             raise ValueError(f"{a}.attention.sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
@@ -99,32 +92,32 @@ class Gemma3Args:
 
 
 def args_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> Gemma3Args:
-    a = _get(md, "general.architecture", required=True)
-    n_layer = int(_get(md, f"{a}.block_count", required=True))
-    n_head = int(_get(md, f"{a}.attention.head_count", required=True))
-    n_embd = int(_get(md, f"{a}.embedding_length", required=True))
+    a = meta(md, "general.architecture", required=True)
+    n_layer = int(meta(md, f"{a}.block_count", required=True))
+    n_head = int(meta(md, f"{a}.attention.head_count", required=True))
+    n_embd = int(meta(md, f"{a}.embedding_length", required=True))
     emb = tensor_shapes.get("token_embd.weight")
     if emb is None:
         raise ValueError("missing tensor 'token_embd.weight'")
-    window = int(_get(md, f"{a}.attention.sliding_window", 0) or 0)
-    scaling = _get(md, f"{a}.rope.scaling.type", "none")
-    factor = float(_get(md, f"{a}.rope.scaling.factor", 1.0) or 1.0)
-    head_dim = int(_get(md, f"{a}.attention.key_length", n_embd // n_head))
-    value_dim = int(_get(md, f"{a}.attention.value_length", head_dim))
+    window = int(meta(md, f"{a}.attention.sliding_window", 0) or 0)
+    scaling = meta(md, f"{a}.rope.scaling.type", "none")
+    factor = float(meta(md, f"{a}.rope.scaling.factor", 1.0) or 1.0)
+    head_dim = int(meta(md, f"{a}.attention.key_length", n_embd // n_head))
+    value_dim = int(meta(md, f"{a}.attention.value_length", head_dim))
     if value_dim != head_dim:
         raise ValueError(f"key_length {head_dim} != value_length {value_dim} is not supported")
     return Gemma3Args(
         arch=a, n_layer=n_layer, n_embd=n_embd,
-        n_ff=int(_get(md, f"{a}.feed_forward_length", required=True)),
-        n_head=n_head, n_head_kv=int(_get(md, f"{a}.attention.head_count_kv", n_head)),
+        n_ff=int(meta(md, f"{a}.feed_forward_length", required=True)),
+        n_head=n_head, n_head_kv=int(meta(md, f"{a}.attention.head_count_kv", n_head)),
         head_dim=head_dim, n_vocab=int(emb[0]),
-        n_ctx_train=int(_get(md, f"{a}.context_length", 8192)),
-        rms_eps=float(_get(md, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        n_ctx_train=int(meta(md, f"{a}.context_length", 8192)),
+        rms_eps=float(meta(md, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
         sliding_window=window, local_layers=_local_layers(md, a, n_layer, window),
-        rope_base=float(_get(md, f"{a}.rope.freq_base", 1000000.0)),
+        rope_base=float(meta(md, f"{a}.rope.freq_base", 1000000.0)),
         rope_scale=1.0 / factor if scaling == "linear" else 1.0,
-        attn_softcap=float(_get(md, f"{a}.attn_logit_softcapping", 0.0) or 0.0),
-        final_softcap=float(_get(md, f"{a}.final_logit_softcapping", 0.0) or 0.0),
+        attn_softcap=float(meta(md, f"{a}.attn_logit_softcapping", 0.0) or 0.0),
+        final_softcap=float(meta(md, f"{a}.final_logit_softcapping", 0.0) or 0.0),
         tied_output="output.weight" not in tensor_shapes,
     )
 
@@ -133,13 +126,12 @@ LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_q_norm", "attn
                  "post_attention_norm", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "post_ffw_norm")
 
 
+def layer_tensor_names(args: Gemma3Args, i: int) -> list[str]:
+    return [f"blk.{i}.{n}.weight" for n in LAYER_TENSORS]
+
+
 def tensor_names(args: Gemma3Args, layers: range, first: bool, last: bool) -> list[str]:
-    names = ["token_embd.weight"] if first else []
-    for i in layers:
-        names += [f"blk.{i}.{n}.weight" for n in LAYER_TENSORS]
-    if last:
-        names += ["output_norm.weight", "token_embd.weight" if args.tied_output else "output.weight"]
-    return list(dict.fromkeys(names))
+    return llama.tensor_names(args, layers, first, last, layer_tensor_names)
 
 
 def _norm(gb: GraphBuilder, x: Value, w: Value, eps: float) -> Value:

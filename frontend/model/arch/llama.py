@@ -17,7 +17,8 @@ ROPE_NORMAL = 0
 ROPE_NEOX = 2
 
 
-def _get(md: Mapping[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
+def meta(md: Mapping[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
+    """A metadata value, the default when absent, or a ValueError naming a required key."""
     if key in md:
         return md[key]
     if required:
@@ -63,27 +64,27 @@ class ModelArgs:
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
                       **overrides: Any) -> ModelArgs:
-        a = _get(md, "general.architecture", required=True)
-        n_head = int(_get(md, f"{a}.attention.head_count", required=True))
-        scaling = _get(md, f"{a}.rope.scaling.type", "none")
-        factor = float(_get(md, f"{a}.rope.scaling.factor", 1.0) or 1.0)
+        a = meta(md, "general.architecture", required=True)
+        n_head = int(meta(md, f"{a}.attention.head_count", required=True))
+        scaling = meta(md, f"{a}.rope.scaling.type", "none")
+        factor = float(meta(md, f"{a}.rope.scaling.factor", 1.0) or 1.0)
         emb = tensor_shapes.get("token_embd.weight")
         if emb is None:
             raise ValueError("missing tensor 'token_embd.weight'")
         fields: dict[str, Any] = dict(
             arch=a,
-            n_layer=int(_get(md, f"{a}.block_count", required=True)),
-            n_embd=int(_get(md, f"{a}.embedding_length", required=True)),
-            n_ff=int(_get(md, f"{a}.feed_forward_length", required=True)),
+            n_layer=int(meta(md, f"{a}.block_count", required=True)),
+            n_embd=int(meta(md, f"{a}.embedding_length", required=True)),
+            n_ff=int(meta(md, f"{a}.feed_forward_length", required=True)),
             n_head=n_head,
-            n_head_kv=int(_get(md, f"{a}.attention.head_count_kv", n_head)),
+            n_head_kv=int(meta(md, f"{a}.attention.head_count_kv", n_head)),
             n_vocab=int(emb[0]),
-            n_ctx_train=int(_get(md, f"{a}.context_length", 2048)),
-            rms_eps=float(_get(md, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_base=float(_get(md, f"{a}.rope.freq_base", 10000.0)),
+            n_ctx_train=int(meta(md, f"{a}.context_length", 2048)),
+            rms_eps=float(meta(md, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_base=float(meta(md, f"{a}.rope.freq_base", 10000.0)),
             rope_scale=1.0 / factor if scaling == "linear" else 1.0,
-            head_dim=int(_get(md, f"{a}.attention.key_length", 0)),
-            n_rot=int(_get(md, f"{a}.rope.dimension_count", 0)),
+            head_dim=int(meta(md, f"{a}.attention.key_length", 0)),
+            n_rot=int(meta(md, f"{a}.rope.dimension_count", 0)),
             tied_output="output.weight" not in tensor_shapes,
         )
         fields.update(overrides)
@@ -104,10 +105,13 @@ def layer_tensor_names(args: ModelArgs, i: int) -> list[str]:
     return names
 
 
-def tensor_names(args: ModelArgs, layers: range, first: bool, last: bool) -> list[str]:
+def tensor_names(args: Any, layers: range, first: bool, last: bool,
+                 layer_names: Callable[[Any, int], list[str]] = layer_tensor_names) -> list[str]:
+    """The tensors a stage holding `layers` needs (the embedding on the first stage, the output
+    norm and head on the last); `layer_names` gives one layer's (each architecture its own)."""
     names = ["token_embd.weight"] if first else []
     for i in layers:
-        names += layer_tensor_names(args, i)
+        names += layer_names(args, i)
     if last:
         names += ["output_norm.weight", "token_embd.weight" if args.tied_output else "output.weight"]
     return list(dict.fromkeys(names))

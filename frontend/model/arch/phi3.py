@@ -34,12 +34,7 @@ def layer_tensor_names(args: ModelArgs, i: int) -> list[str]:
 
 
 def tensor_names(args: ModelArgs, layers: range, first: bool, last: bool) -> list[str]:
-    names = ["token_embd.weight"] if first else []
-    for i in layers:
-        names += layer_tensor_names(args, i)
-    if last:
-        names += ["output_norm.weight", "token_embd.weight" if args.tied_output else "output.weight"]
-    return list(dict.fromkeys(names))
+    return llama.tensor_names(args, layers, first, last, layer_tensor_names)
 
 
 def build_layer(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, w: Callable[[str], Value],
