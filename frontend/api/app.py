@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ... import __version__
 from .errors import APIError, error_body, error_response
 from .guard import BodyGuard
 from .routes_embed import router as embed_router
@@ -19,13 +20,15 @@ from .routes_infill import router as infill_router
 from .routes_llmapi import router as llmapi_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
+from .schemas import validation_message
 from .state import ServerState
 from .webui import router as webui_router
 
 log = logging.getLogger(__name__)
 
-# the chat page holds no secrets (llama-server serves its UI without a key too); its API calls carry the key
-PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/", "/index.html"})
+# the chat page holds no secrets (llama-server serves its UI without a key too); its API calls carry the key.
+# The API's description (/openapi.json, /docs) is the same for every server: request shapes, no model data.
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/", "/index.html", "/openapi.json", "/docs"})
 
 
 class Gate:
@@ -64,7 +67,8 @@ async def _send_json(send: Send, status: int, body: dict) -> None:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="llamarpc", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="llamarpc", version=__version__, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+                  description="llama.cpp-server, OpenAI and llm-api HTTP APIs; request bodies as in `schemas.py`")
     app.state.llamarpc = state
 
     @app.exception_handler(APIError)
@@ -78,7 +82,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, str(exc))
+        return error_response(400, validation_message(list(exc.errors())))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -1,8 +1,5 @@
 """Request checks and llama-server details shared by the completion routes, kept beside `params`:
 
-- `prepare_body`: `seed` as llama.cpp takes it (any 64-bit integer, kept modulo 2^32 like its
-  uint32 seed; -1 and 0xFFFFFFFF random), `n_probs` / `logprobs` capped at `MAX_N_PROBS`, and a
-  JSON object prompt (``{"prompt_string": ...}``) read as its text;
 - `check_prompt_bytes`: a prompt whose bytes could not fit a slot is refused before tokenizing it
   (no token covers more than the vocabulary's longest piece);
 - `tokenize_off_loop`: tokenization on a worker thread, never on the event loop;
@@ -10,7 +7,6 @@
 - `pick_fields`: llama-server's `response_fields`."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -21,47 +17,7 @@ from .chat import encode_chat
 from .errors import bad_request
 from .params import tokenize_prompt
 
-MAX_N_PROBS = 100       # alternatives reported per token, at most (the whole vocabulary was 234 MB for 50 tokens)
 _MAX_PIECE: dict[int, int] = {}
-
-
-def _seed(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-        raise bad_request(f"'seed' must be an integer, got {json.dumps(v)}")
-    v = int(v)
-    if not -(2**63) <= v < 2**64:
-        raise bad_request(f"'seed' {v} is out of range: llama.cpp takes a 64-bit integer and keeps it modulo 2^32 "
-                          "(-1 or 4294967295 = random)")
-    v &= 0xFFFFFFFF
-    return -1 if v == 0xFFFFFFFF else v
-
-
-def _prompt(p: Any) -> Any:
-    if not isinstance(p, dict):
-        return p
-    if p.get("multimodal_data"):
-        raise bad_request("'prompt'.multimodal_data: this server has no multimodal support")
-    text = p.get("prompt_string")
-    if not isinstance(text, str):
-        raise bad_request("a JSON object prompt must have a string 'prompt_string'")
-    return text
-
-
-def prepare_body(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a completion request with llama.cpp's readings applied (see the module docstring)."""
-    body = dict(body)
-    if body.get("seed") is not None:
-        body["seed"] = _seed(body["seed"])
-    for key in ("n_probs", "logprobs"):
-        v = body.get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_N_PROBS:
-            body[key] = MAX_N_PROBS
-    p = body.get("prompt")
-    if isinstance(p, dict):
-        body["prompt"] = _prompt(p)
-    elif isinstance(p, list) and any(isinstance(x, dict) for x in p):
-        body["prompt"] = [_prompt(x) for x in p]
-    return body
 
 
 def max_piece_bytes(tok: Tokenizer) -> int:

@@ -1,6 +1,7 @@
-"""Request bodies -> engine parameters, with llama.cpp's field names and the server's defaults.
+"""Validated request models (`schemas.py`) -> engine parameters, with the server's defaults.
 
-Every field is type-checked; a wrong type or value is an APIError(400) naming the field."""
+The models have checked each field's type and range; what is left here depends on the server:
+the vocabulary (logit_bias, token ids), the slot count, the sampler names."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,78 +14,9 @@ from ..engine import TaskParams
 from ..model.tokenizer import Tokenizer
 from ..sampling import SamplingParams, samplers_from_chars, samplers_from_names
 from .errors import bad_request
+from .schemas import CompletionOptions, SamplingFields
 from .state import ServerState
 from .structured import completion_grammar
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw) if raw.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"Invalid JSON in the request body: {e}") from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object")
-    return body
-
-
-class Body:
-    """Typed access to a JSON object; `null` counts as absent."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = data
-
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        v = self.data.get(key)
-        return default if v is None else v
-
-    def int(self, key: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
-            raise bad_request(f"'{key}' must be an integer, got {json.dumps(v)}")
-        v = int(v)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise bad_request(f"'{key}' must be in [{lo if lo is not None else '-inf'}, "
-                              f"{hi if hi is not None else 'inf'}], got {v}")
-        return v
-
-    def float(self, key: str, default: float) -> float:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise bad_request(f"'{key}' must be a number, got {json.dumps(v)}")
-        return float(v)
-
-    def bool(self, key: str, default: bool) -> bool:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise bad_request(f"'{key}' must be a boolean, got {json.dumps(v)}")
-        return v
-
-    def str(self, key: str, default: str | None = None) -> str | None:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise bad_request(f"'{key}' must be a string, got {json.dumps(v)}")
-        return v
-
-    def str_list(self, key: str, default: tuple[str, ...] = (), allow_str: bool = False) -> tuple[str, ...]:
-        v = self.data.get(key)
-        if v is None:
-            return default
-        if allow_str and isinstance(v, str):
-            return (v,)
-        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-            raise bad_request(f"'{key}' must be an array of strings")
-        return tuple(v)
 
 
 def _logit_bias(value: Any, tok: Tokenizer) -> tuple[tuple[int, float], ...]:
@@ -120,47 +52,42 @@ def _logit_bias(value: Any, tok: Tokenizer) -> tuple[tuple[int, float], ...]:
     return tuple(out)
 
 
-def sampling_params(b: Body, defaults: SamplingParams, tok: Tokenizer) -> SamplingParams:
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def sampling_params(r: SamplingFields, defaults: SamplingParams, tok: Tokenizer) -> SamplingParams:
     d = defaults
     samplers = d.samplers
-    raw = b.raw("samplers")
     try:
-        if isinstance(raw, str):
-            samplers = samplers_from_chars(raw)
-        elif isinstance(raw, list):
-            samplers = samplers_from_names(raw)
-        elif raw is not None:
-            raise bad_request("'samplers' must be an array of sampler names or a string of sampler characters")
+        if isinstance(r.samplers, str):
+            samplers = samplers_from_chars(r.samplers)
+        elif isinstance(r.samplers, list):
+            samplers = samplers_from_names(r.samplers)
     except ValueError as e:
         raise bad_request(f"'samplers': {e}") from None
-    breakers = d.dry_sequence_breakers
-    if b.has("dry_sequence_breakers"):
-        breakers = b.str_list("dry_sequence_breakers")
-        if not breakers:
-            raise bad_request("'dry_sequence_breakers' must be a non-empty array of strings")
-    seed = b.int("seed", d.seed)
-    dry_base = b.float("dry_base", d.dry_base)
+    dry_base = _or(r.dry_base, d.dry_base)
     p = SamplingParams(
-        temperature=b.float("temperature", d.temperature), top_k=b.int("top_k", d.top_k, 0),
-        top_p=b.float("top_p", d.top_p), min_p=b.float("min_p", d.min_p), seed=seed,
-        dynatemp_range=b.float("dynatemp_range", d.dynatemp_range),
-        dynatemp_exponent=b.float("dynatemp_exponent", d.dynatemp_exponent),
-        typical_p=b.float("typical_p", d.typical_p), top_n_sigma=b.float("top_n_sigma", d.top_n_sigma),
-        xtc_probability=b.float("xtc_probability", d.xtc_probability),
-        xtc_threshold=b.float("xtc_threshold", d.xtc_threshold),
-        repeat_last_n=b.int("repeat_last_n", d.repeat_last_n, -1),
-        repeat_penalty=b.float("repeat_penalty", d.repeat_penalty),
-        presence_penalty=b.float("presence_penalty", d.presence_penalty),
-        frequency_penalty=b.float("frequency_penalty", d.frequency_penalty),
-        dry_multiplier=b.float("dry_multiplier", d.dry_multiplier),
+        temperature=_or(r.temperature, d.temperature), top_k=_or(r.top_k, d.top_k),
+        top_p=_or(r.top_p, d.top_p), min_p=_or(r.min_p, d.min_p), seed=_or(r.seed, d.seed),
+        dynatemp_range=_or(r.dynatemp_range, d.dynatemp_range),
+        dynatemp_exponent=_or(r.dynatemp_exponent, d.dynatemp_exponent),
+        typical_p=_or(r.typical_p, d.typical_p), top_n_sigma=_or(r.top_n_sigma, d.top_n_sigma),
+        xtc_probability=_or(r.xtc_probability, d.xtc_probability),
+        xtc_threshold=_or(r.xtc_threshold, d.xtc_threshold),
+        repeat_last_n=_or(r.repeat_last_n, d.repeat_last_n),
+        repeat_penalty=_or(r.repeat_penalty, d.repeat_penalty),
+        presence_penalty=_or(r.presence_penalty, d.presence_penalty),
+        frequency_penalty=_or(r.frequency_penalty, d.frequency_penalty),
+        dry_multiplier=_or(r.dry_multiplier, d.dry_multiplier),
         dry_base=dry_base if dry_base >= 1.0 else d.dry_base,
-        dry_allowed_length=b.int("dry_allowed_length", d.dry_allowed_length, 0),
-        dry_penalty_last_n=b.int("dry_penalty_last_n", d.dry_penalty_last_n, -1),
-        dry_sequence_breakers=breakers,
-        mirostat=b.int("mirostat", d.mirostat, 0, 2), mirostat_tau=b.float("mirostat_tau", d.mirostat_tau),
-        mirostat_eta=b.float("mirostat_eta", d.mirostat_eta), min_keep=b.int("min_keep", d.min_keep, 0),
+        dry_allowed_length=_or(r.dry_allowed_length, d.dry_allowed_length),
+        dry_penalty_last_n=_or(r.dry_penalty_last_n, d.dry_penalty_last_n),
+        dry_sequence_breakers=tuple(_or(r.dry_sequence_breakers, d.dry_sequence_breakers)),
+        mirostat=_or(r.mirostat, d.mirostat), mirostat_tau=_or(r.mirostat_tau, d.mirostat_tau),
+        mirostat_eta=_or(r.mirostat_eta, d.mirostat_eta), min_keep=_or(r.min_keep, d.min_keep),
         samplers=samplers,
-        logit_bias=_logit_bias(b.raw("logit_bias"), tok) if b.has("logit_bias") else d.logit_bias,
+        logit_bias=_logit_bias(r.logit_bias, tok) if r.logit_bias is not None else d.logit_bias,
     )
     try:
         p.validate()
@@ -169,48 +96,51 @@ def sampling_params(b: Body, defaults: SamplingParams, tok: Tokenizer) -> Sampli
     return p
 
 
-def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskParams:
-    """/completion's options (also read by the OpenAI routes, which add their own names)."""
+def _n_probs(r: CompletionOptions, oai_chat: bool) -> int:
+    """`n_probs`, else OpenAI's `logprobs` (chat: a boolean with `top_logprobs`; completions: a count)."""
+    if r.n_probs is not None:
+        return r.n_probs
+    lp = getattr(r, "logprobs", None)
+    if oai_chat:
+        top = getattr(r, "top_logprobs", None)
+        if lp:
+            return _or(top, 20) or 1
+        if top is not None:
+            raise bad_request("'top_logprobs' requires 'logprobs' to be true")
+        return 0
+    if lp is None or lp is False:
+        return 0
+    return 1 if lp is True else lp
+
+
+def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = False) -> TaskParams:
+    """The generating endpoints' options (the OpenAI routes' own names included) -> TaskParams."""
     s = state.settings
     assert state.model is not None
     tok = state.model.tokenizer
-    n_predict = s.n_predict
-    for key in ("n_predict", "max_tokens", "max_completion_tokens"):
-        if b.has(key):
-            n_predict = b.int(key, -1, -1)
-            break
-    n_probs = b.int("n_probs", 0, 0)
-    if not b.has("n_probs"):
-        lp = b.raw("logprobs")
-        if oai_chat:
-            if lp is not None and not isinstance(lp, bool):
-                raise bad_request("'logprobs' must be a boolean")
-            if lp:
-                n_probs = b.int("top_logprobs", 20, 0, 20) or 1
-            elif b.has("top_logprobs"):
-                raise bad_request("'top_logprobs' requires 'logprobs' to be true")
-        elif lp is not None:
-            n_probs = 1 if lp is True else (0 if lp is False else b.int("logprobs", 0, 0))
-    n = b.int("n", 1, 1) if b.has("n") else b.int("n_cmpl", 1, 1)
+    n_predict = next((v for v in (r.n_predict, r.max_tokens, r.max_completion_tokens) if v is not None),
+                     s.n_predict)
+    n_probs = _n_probs(r, oai_chat)
+    n = _or(r.n, _or(r.n_cmpl, 1))
     if n != 1:
         raise bad_request("only one completion choice is supported ('n' must be 1)")
-    regex = b.str("stop_regex")
     try:
-        stop_regex = re.compile(regex) if regex else None
+        stop_regex = re.compile(r.stop_regex) if r.stop_regex else None
     except re.error as e:
         raise bad_request(f"'stop_regex' is not a valid regular expression: {e}") from None
-    id_slot = b.int("id_slot", -1, -1)
+    id_slot = _or(r.id_slot, -1)
     if id_slot >= s.n_parallel:
         raise bad_request(f"'id_slot' {id_slot} does not exist (there are {s.n_parallel} slots)")
-    sampling = sampling_params(b, s.sampling, tok)
-    sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(b.data, state))
+    stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
+    sampling = sampling_params(r, s.sampling, tok)
+    sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(r.grammar, r.json_schema, state))
     return TaskParams(
-        sampling=sampling, n_predict=n_predict, stop=tuple(w for w in b.str_list("stop", (), allow_str=True) if w),
-        stop_regex=stop_regex, ignore_eos=b.bool("ignore_eos", s.ignore_eos),
-        cache_prompt=b.bool("cache_prompt", s.cache_prompt), n_probs=n_probs,
-        post_sampling_probs=b.bool("post_sampling_probs", False), return_tokens=b.bool("return_tokens", False),
-        stream=b.bool("stream", False), id_slot=id_slot, timings_per_token=b.bool("timings_per_token", False),
-        n_keep=b.int("n_keep", 0, -1), model=s.model_name,
+        sampling=sampling, n_predict=n_predict, stop=tuple(w for w in stop if w),
+        stop_regex=stop_regex, ignore_eos=_or(r.ignore_eos, s.ignore_eos),
+        cache_prompt=_or(r.cache_prompt, s.cache_prompt), n_probs=n_probs,
+        post_sampling_probs=bool(r.post_sampling_probs), return_tokens=bool(r.return_tokens),
+        stream=bool(r.stream), id_slot=id_slot, timings_per_token=bool(r.timings_per_token),
+        n_keep=_or(r.n_keep, 0), model=s.model_name,
     )
 
 

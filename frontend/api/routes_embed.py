@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine.embed import EmbedError
 from .checks import tokenize_off_loop
 from .errors import APIError, bad_request, error_response
-from .params import parse_json
+from .schemas import EmbeddingRequest, RerankRequest
 from .state import ServerState
 
 router = APIRouter()
@@ -73,13 +73,6 @@ async def _run(st: ServerState, inputs: Sequence[Sequence[int]]) -> list[np.ndar
         raise APIError(503, "the engine did not answer in time", "unavailable_error") from None
 
 
-def _int_field(body: dict, key: str, default: int) -> int:
-    v = body.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise bad_request(f"'{key}' must be an integer")
-    return v
-
-
 async def _tokenized(st: ServerState, prompt: Any, what: str) -> list[list[int]]:
     assert st.model is not None and st.engine is not None
     if prompt is None:
@@ -96,17 +89,14 @@ async def _tokenized(st: ServerState, prompt: Any, what: str) -> list[list[int]]
 
 @router.post("/v1/embeddings")
 @router.post("/embeddings")
-async def oai_embeddings(request: Request) -> Response:
+async def oai_embeddings(request: Request, r: EmbeddingRequest) -> Response:
     st = _state(request)
     emb = _embedder(st)
-    body = parse_json(await request.body())
-    fmt = body.get("encoding_format", "float")
-    if fmt not in ("float", "base64"):
-        raise bad_request("The format to return the embeddings in. Can be either float or base64")
+    fmt = r.encoding_format or "float"
     if emb.pooling == 0:
         raise bad_request("Pooling type 'none' is not OAI compatible. Please use a different pooling type")
-    norm = _int_field(body, "embd_normalize", 2)
-    prompts = await _tokenized(st, body.get("input", body.get("content")), "\"input\" must be provided")
+    norm = 2 if r.embd_normalize is None else r.embd_normalize
+    prompts = await _tokenized(st, r.input if r.input is not None else r.content, "\"input\" must be provided")
     vecs = await _run(st, prompts)
     data = []
     for i, v in enumerate(vecs):
@@ -114,17 +104,16 @@ async def oai_embeddings(request: Request) -> Response:
         e: Any = base64.b64encode(n.astype("<f4").tobytes()).decode() if fmt == "base64" else n.tolist()
         data.append({"embedding": e, "index": i, "object": "embedding"})
     n_tok = sum(map(len, prompts))
-    return JSONResponse({"model": body.get("model") or st.settings.model_name, "object": "list",
+    return JSONResponse({"model": r.model or st.settings.model_name, "object": "list",
                          "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}, "data": data})
 
 
 @router.post("/embedding")
-async def embedding(request: Request) -> Response:
+async def embedding(request: Request, r: EmbeddingRequest) -> Response:
     st = _state(request)
     emb = _embedder(st)
-    body = parse_json(await request.body())
-    norm = _int_field(body, "embd_normalize", 2)
-    prompt = body["input"] if "input" in body else body.get("content")
+    norm = 2 if r.embd_normalize is None else r.embd_normalize
+    prompt = r.input if r.input is not None else r.content
     prompts = await _tokenized(st, prompt, "\"input\" or \"content\" must be provided")
     vecs = await _run(st, prompts)
     out = []
@@ -155,30 +144,25 @@ def rerank_tokens(tok, query: list[int], doc: list[int]) -> list[int]:  # noqa: 
 @router.post("/rerank")
 @router.post("/reranking")
 @router.post("/v1/reranking")
-async def rerank(request: Request) -> Response:
+async def rerank(request: Request, r: RerankRequest) -> Response:
     st = _state(request)
     emb = getattr(st.engine, "embedder", None)
     if emb is None or emb.pooling != 4:
         return error_response(501, "This server does not support reranking. Start it with `--reranking`",
                               "not_supported_error")
     assert st.model is not None and st.engine is not None
-    body = parse_json(await request.body())
-    query = body.get("query")
+    query = r.query
     if query is None:
         raise bad_request("\"query\" must be provided")
-    if not isinstance(query, str):
-        raise bad_request("\"query\" must be a string")
-    docs = body.get("documents", body.get("texts"))
+    docs = r.documents if r.documents is not None else r.texts
     if docs is None:
         raise bad_request("\"documents\" must be provided")
-    if not isinstance(docs, list) or not docs:
+    if not docs:
         raise bad_request("\"documents\" must be a non-empty array")
     texts = [d.get("text") if isinstance(d, dict) else d for d in docs]
     if not all(isinstance(t, str) for t in texts):
         raise bad_request("each of \"documents\" must be a string (or an object with a string \"text\")")
-    top_n = _int_field(body, "top_n", len(texts))
-    if top_n < 0:
-        raise bad_request("'top_n' must be non-negative")
+    top_n = len(texts) if r.top_n is None else r.top_n
     tok = st.model.tokenizer
     n_bytes = len(query.encode()) + sum(len(t.encode()) for t in texts)
     if n_bytes > 64 * st.engine.n_ctx_slot * max(1, len(texts)):
@@ -191,9 +175,9 @@ async def rerank(request: Request) -> Response:
     prompts = await run_in_threadpool(encode)
     scores = [float(v[0]) for v in await _run(st, prompts)]
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[:top_n]
-    with_text = body.get("return_text_documents") is True
+    with_text = r.return_text_documents is True
     results = [{"index": i, "relevance_score": scores[i], **({"document": {"text": texts[i]}} if with_text else {})}
                for i in order]
     n_tok = sum(map(len, prompts))
-    return JSONResponse({"model": body.get("model") or st.settings.model_name, "object": "list",
+    return JSONResponse({"model": r.model or st.settings.model_name, "object": "list",
                          "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}, "results": results})

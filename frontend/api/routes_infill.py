@@ -16,11 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .checks import pick_fields, prepare_body
+from .checks import pick_fields
 from .errors import APIError, bad_request
 from .formats import native_final, native_partial
-from .params import Body, check_context, parse_json, task_params
+from .params import check_context, task_params
 from .routes_native import _collect, stream_events
+from .schemas import InfillRequest
 from .state import ServerState
 from .stream import Submission
 
@@ -73,7 +74,7 @@ def format_infill(tok, prefix: str, suffix: str, prompt: str, extra: list[tuple[
 
 
 @router.post("/infill")
-async def infill(request: Request) -> Response:
+async def infill(request: Request, r: InfillRequest) -> Response:
     st: ServerState = request.app.state.llamarpc
     if not st.ready:
         raise APIError(503, "Loading model", "unavailable_error")
@@ -82,18 +83,12 @@ async def infill(request: Request) -> Response:
     if any(tok.special_ids.get(k) is None for k in ("fim_pre", "fim_suf", "fim_mid")):
         raise APIError(501, "Infill is not supported by this model: prefix, suffix or middle token is missing",
                        "not_supported_error")
-    b = Body(prepare_body(parse_json(await request.body())))
-    texts = {}
-    for key in ("input_prefix", "input_suffix", "prompt"):
-        v = b.raw(key, "")
-        if not isinstance(v, str):
-            raise bad_request(f"\"{key}\" must be a string")
-        texts[key] = v
-    extra = _extra(b.raw("input_extra"))
+    texts = {"input_prefix": r.input_prefix or "", "input_suffix": r.input_suffix or "", "prompt": r.prompt or ""}
+    extra = _extra(r.input_extra)
     if sum(len(t.encode()) for t in (*texts.values(), *(x for c in extra for x in c))) > 64 * st.engine.n_ctx:
         raise bad_request("the request exceeds the available context size")
-    params = task_params(b, st)
-    fields = b.raw("response_fields")
+    params = task_params(r, st)
+    fields = r.response_fields
     pick_fields({}, fields)
     prompt = await run_in_threadpool(format_infill, tok, texts["input_prefix"], texts["input_suffix"], texts["prompt"],
                                      extra, st.engine.config.n_batch, st.engine.n_ctx_slot, params.n_predict)

@@ -100,7 +100,8 @@ def _ready_or_text(request: Request) -> ServerState:
     return st
 
 
-@router.api_route("/predict", methods=["GET", "POST"])
+@router.get("/predict", operation_id="llmapi_predict_get")
+@router.post("/predict", operation_id="llmapi_predict_post")
 async def predict(request: Request) -> Response:
     try:
         st = _ready_or_text(request)
@@ -115,7 +116,8 @@ async def predict(request: Request) -> Response:
         return PlainTextResponse(e.message + "\n", status_code=e.code)
 
 
-@router.api_route("/chat", methods=["GET", "POST"])
+@router.get("/chat", operation_id="llmapi_chat_get")
+@router.post("/chat", operation_id="llmapi_chat_post")
 async def chat(request: Request) -> Response:
     try:
         st = _ready_or_text(request)

@@ -11,11 +11,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import ErrorEvent, FinalEvent, PartialEvent, TaskParams
 from .chat import parse_messages, render_prompt, template_extra
-from .checks import generation_settings, pick_fields, prepare_body, tokenize_off_loop
+from .checks import generation_settings, pick_fields, tokenize_off_loop
 from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import CONTENT_TYPE
-from .params import Body, check_context, parse_json, task_params
+from .params import check_context, task_params
+from .schemas import ApplyTemplateRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
@@ -107,29 +108,27 @@ async def metrics(request: Request) -> Response:
                     headers={"Process-Start-Time-Unix": str(int(st.start_time))})
 
 
-async def start_completion(request: Request) -> tuple[ServerState, Body, TaskParams, Submission]:
-    """The shared start of /completion and /v1/completions: parse, tokenize, check, enqueue."""
+async def start_completion(request: Request, r: CompletionRequest) -> tuple[ServerState, TaskParams, Submission]:
+    """The shared start of /completion and /v1/completions: parameters, tokenize, check, enqueue."""
     st = _ready(request)
     assert st.model is not None and st.engine is not None
-    b = Body(prepare_body(parse_json(await request.body())))
-    params = task_params(b, st)
-    pick_fields({}, b.raw("response_fields"))       # checked before any work
-    if b.raw("prompt") is None:
+    params = task_params(r, st)
+    if r.prompt is None:
         raise bad_request("'prompt' is required")
-    prompts = await tokenize_off_loop(b.raw("prompt"), st.model.tokenizer, st.engine.n_ctx_slot)
+    prompts = await tokenize_off_loop(r.prompt, st.model.tokenizer, st.engine.n_ctx_slot)
     check_context(prompts, params, st.engine.n_ctx_slot)
     sub = Submission(st, request, prompts, params)
     sub.start()
-    return st, b, params, sub
+    return st, params, sub
 
 
 @router.post("/completion")
 @router.post("/completions")
-async def completion(request: Request) -> Response:
-    st, b, params, sub = await start_completion(request)
+async def completion(request: Request, r: CompletionRequest) -> Response:
+    st, params, sub = await start_completion(request, r)
     assert st.engine is not None and st.model is not None
     tok = st.model.tokenizer
-    fields = b.raw("response_fields")
+    fields = r.response_fields
 
     def final(f: FinalEvent, stream: bool) -> dict:
         out = native_final(f, st.engine.n_ctx_slot, stream, _detok(st, f.prompt))  # type: ignore[union-attr]
@@ -139,7 +138,7 @@ async def completion(request: Request) -> Response:
     if not params.stream:
         out = [final(f, False) for f in await _collect(sub)]
         return JSONResponse(out[0] if len(out) == 1 else out)
-    progress = b.bool("return_progress", False)
+    progress = bool(r.return_progress)
     t0 = time.monotonic()
     reported: set[int] = set()
 
@@ -218,17 +217,13 @@ async def _first(sub: Submission):  # noqa: ANN202 - Event | None
 
 
 @router.post("/tokenize")
-async def tokenize(request: Request) -> Response:
+async def tokenize(request: Request, r: TokenizeRequest) -> Response:
     st = _ready(request)
     assert st.model is not None
-    b = Body(parse_json(await request.body()))
-    content = b.raw("content")
-    if not isinstance(content, str):
-        raise bad_request("'content' must be a string")
     tok = st.model.tokenizer
-    ids = await run_in_threadpool(tok.encode, content, add_special=b.bool("add_special", False),
-                                  parse_special=b.bool("parse_special", True))
-    if not b.bool("with_pieces", False):
+    ids = await run_in_threadpool(tok.encode, r.content, add_special=bool(r.add_special),
+                                  parse_special=r.parse_special is not False)
+    if not r.with_pieces:
         return JSONResponse({"tokens": ids})
     out = []
     for t in ids:
@@ -241,14 +236,11 @@ async def tokenize(request: Request) -> Response:
 
 
 @router.post("/detokenize")
-async def detokenize(request: Request) -> Response:
+async def detokenize(request: Request, r: DetokenizeRequest) -> Response:
     st = _ready(request)
     assert st.model is not None
-    b = Body(parse_json(await request.body()))
-    tokens = b.raw("tokens", [])
+    tokens = r.tokens
     tok = st.model.tokenizer
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise bad_request("'tokens' must be an array of token ids")
     bad = [t for t in tokens if not 0 <= t < tok.n_vocab]
     if bad:
         raise bad_request(f"token id {bad[0]} is out of range [0, {tok.n_vocab})")
@@ -256,8 +248,8 @@ async def detokenize(request: Request) -> Response:
 
 
 @router.post("/apply-template")
-async def apply_template(request: Request) -> Response:
+async def apply_template(request: Request, r: ApplyTemplateRequest) -> Response:
     st = _ready(request)
-    body = parse_json(await request.body())
+    body = r.fields()
     messages = parse_messages(body.get("messages"))
     return JSONResponse({"prompt": render_prompt(st, messages, template_extra(body))})

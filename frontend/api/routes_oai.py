@@ -20,8 +20,9 @@ from .formats import (
     oai_completion,
     oai_completion_chunk,
 )
-from .params import Body, check_context, parse_json, task_params
+from .params import check_context, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
+from .schemas import ChatRequest, CompletionRequest
 from .stream import Submission
 from .structured import lark_grammar, response_format_grammar, schema_grammar
 from .tools import finish, generic_schema, hermes_lark, parse_tools, prepare_messages, shape_reply, stream_deltas, template_tools
@@ -36,9 +37,9 @@ async def models(request: Request) -> Response:
 
 
 @router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    st, b, params, sub = await start_completion(request)
-    model = b.str("model") or st.settings.model_name
+async def completions(request: Request, r: CompletionRequest) -> Response:
+    st, params, sub = await start_completion(request, r)
+    model = r.model or st.settings.model_name
     cid = completion_id()
     if not params.stream:
         return JSONResponse(oai_completion(await _collect(sub), cid, model))
@@ -55,14 +56,13 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/chat/completions")
 @router.post("/chat/completions")
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request, r: ChatRequest) -> Response:
     st = _ready(request)
     assert st.model is not None and st.engine is not None
-    body = parse_json(await request.body())
-    b = Body(body)
+    body = r.fields()
     spec = parse_tools(body, st.chat_template)
     messages = prepare_messages(parse_messages(body.get("messages")), spec, st.chat_template)
-    params = task_params(b, st, oai_chat=True)
+    params = task_params(r, st, oai_chat=True)
     grammar = response_format_grammar(body.get("response_format"), st)
     if spec is not None:
         if grammar is not None:
@@ -82,13 +82,8 @@ async def chat_completions(request: Request) -> Response:
     if not prompt:
         raise bad_request("the chat template rendered an empty prompt")
     check_context([prompt], params, st.engine.n_ctx_slot)
-    model = b.str("model") or st.settings.model_name
-    include_usage = False
-    opts = body.get("stream_options")
-    if opts is not None:
-        if not isinstance(opts, dict):
-            raise bad_request("'stream_options' must be an object")
-        include_usage = Body(opts).bool("include_usage", False)
+    model = r.model or st.settings.model_name
+    include_usage = bool(r.stream_options and r.stream_options.include_usage)
     cid = completion_id()
     sub = Submission(st, request, [prompt], params)
     sub.start()

@@ -44,10 +44,8 @@ def lark_grammar(field: str, text: str, state: ServerState) -> Grammar:
     return _compile(field, Grammar.from_lark, text, state)
 
 
-def completion_grammar(body: dict[str, Any], state: ServerState) -> Grammar | None:
+def completion_grammar(grammar: str | None, schema: Any, state: ServerState) -> Grammar | None:
     """/completion's `grammar` (GBNF) or `json_schema`; both at once is an error, as in llama.cpp."""
-    grammar = body.get("grammar")
-    schema = body.get("json_schema")
     has_grammar = grammar not in (None, "")
     has_schema = schema is not None
     if has_grammar and has_schema:
