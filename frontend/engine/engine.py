@@ -121,6 +121,9 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, task: Task) -> None:
+        if self._stopping:
+            self._emit(task, ErrorEvent(task.index, 503, "the server is shutting down", "unavailable_error"))
+            return
         self._inbox.put(task)
 
     def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
@@ -212,6 +215,10 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(500, "internal error in the engine", "server_error")
         self._fail_all(503, "the server is shutting down", "unavailable_error")
+        self._intake(block=False)       # queued tasks end too, not only those in slots
+        while self._pending:
+            task = self._pending.popleft()
+            self._emit(task, ErrorEvent(task.index, 503, "the server is shutting down", "unavailable_error"))
 
     def _intake(self, block: bool) -> None:
         try:
