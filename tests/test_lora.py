@@ -1,0 +1,172 @@
+"""LoRA adapters on synthetic models: the output with an adapter equals a model whose weights are
+merged (W + scale * alpha / r * B @ A, float32), scale 0 equals the base, two adapters and the
+output head, split over two nodes, compiled programs, per-row scales in one batch, and clear
+startup errors for a wrong adapter."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from llamarpc.client.local import LocalBackend
+from llamarpc.frontend.engine import LogitsProbe, load_model
+from llamarpc.frontend.engine.engine import forward_micro_batches
+from llamarpc.frontend.engine.kv_cells import KVCells
+from llamarpc.frontend.model.gguf_file import ModelLoadError
+from llamarpc.frontend.model.lora import parse_scales
+from llamarpc.rpcserver import program
+from llamarpc.rpcserver.node import Node
+from synth import write_model
+from synth_lora import merged, write_adapter
+
+TOKENS = [5, 70, 100, 3, 200, 33, 150, 9]
+
+
+def _close(got: np.ndarray, want: np.ndarray) -> bool:
+    return float(np.abs(got - want).max()) <= 2e-5 * float(np.abs(want).max()) + 1e-5
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lora")
+    m = write_model(d / "base.gguf", n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=3, tied=False)
+    a1 = write_adapter(d / "a1.gguf", m, rank=8, alpha=16.0, seed=1, extra=("output.weight",))
+    a2 = write_adapter(d / "a2.gguf", m, rank=4, alpha=0.0, seed=2, targets=("attn_q", "ffn_down"), layers=[1])
+    return d, m, a1, a2
+
+
+def _logits(path, lora=(), backends=None, n_batch=512):
+    model = load_model(str(path), backends or [LocalBackend()], n_ctx=64, lora=lora)
+    try:
+        return LogitsProbe(model, n_batch=n_batch).eval(TOKENS, all_logits=True)
+    finally:
+        model.close()
+
+
+def _merged_model(d, m, name, adapters):
+    return write_model(d / name, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=3, tied=False,
+                       replace=merged(m, adapters)).path
+
+
+def test_adapter_equals_merged_weights(base):
+    d, m, a1, _ = base
+    got = _logits(m.path, [(str(d / "a1.gguf"), 0.75)])
+    want = _logits(_merged_model(d, m, "merged1.gguf", [(a1, 0.75, 16.0)]))
+    plain = _logits(m.path)
+    assert _close(got, want)
+    assert not _close(got, plain)          # the adapter changes the output
+
+
+def test_two_adapters_alpha_zero_and_two_nodes(base):
+    d, m, a1, a2 = base
+    specs = [(str(d / "a1.gguf"), -0.5), (str(d / "a2.gguf"), 2.0)]
+    want = _logits(_merged_model(d, m, "merged2.gguf", [(a1, -0.5, 16.0), (a2, 2.0, 0.0)]))
+    assert _close(_logits(m.path, specs), want)
+    two = _logits(m.path, specs, [LocalBackend(node=Node()), LocalBackend(node=Node())], n_batch=3)
+    assert _close(two, want)
+
+
+def test_scale_zero_equals_base(base):
+    d, m, _, _ = base
+    plain = _logits(m.path)
+    got = _logits(m.path, [(str(d / "a1.gguf"), 0.0), (str(d / "a2.gguf"), 0.0)])
+    assert np.array_equal(got, plain)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_compiled_programs_equal_step_by_step(tmp_path, monkeypatch, mode):
+    m = write_model(tmp_path / "q.gguf", qtype=T.Q8_0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
+                    tied=False)
+    write_adapter(tmp_path / "a.gguf", m, rank=8, alpha=16.0, extra=("output.weight",))
+    specs = [(str(tmp_path / "a.gguf"), 1.0)]
+    outs, runs = [], 0
+    for enabled in (False, True):
+        monkeypatch.setattr(program, "ENABLED", enabled)
+        node = Node(matmul_mode=mode)
+        model = load_model(str(m.path), [LocalBackend(node=node)], n_ctx=64, lora=specs)
+        try:
+            probe = LogitsProbe(model)
+            out = [probe.eval(TOKENS[:4], all_logits=True)]
+            for t in TOKENS[4:]:                 # decode steps: the compiled path
+                out.append(probe.eval([t])[None])
+            outs.append(np.concatenate(out))
+            runs = sum(p.runs for g in node._graphs.values() for plan in g.values()
+                       for p in plan.programs.values() if p is not None)
+        finally:
+            model.close()
+    assert np.array_equal(outs[0], outs[1])
+    assert runs >= 3                            # the decode steps did run as programs
+
+
+def test_per_row_scales_share_a_batch(base):
+    """Two sequences with different scales in one forward equal each run alone."""
+    d, m, _, _ = base
+    model = load_model(str(m.path), [LocalBackend()], n_ctx=64, lora=[(str(d / "a1.gguf"), 1.0)])
+    try:
+        p = model.pipeline
+
+        def run(seqs):
+            kv = KVCells(64)
+            toks = np.array([t for _, ts in seqs for t in ts], np.int32)
+            pos = np.array([i for _, ts in seqs for i in range(len(ts))], np.int32)
+            seq = np.array([j for j, (_, ts) in enumerate(seqs) for _ in ts], np.int32)
+            lora = np.array([[s] for s, ts in seqs for _ in ts], np.float32)
+            want = np.ones(toks.size, bool)
+            return forward_micro_batches(p, kv, toks, pos, seq, want, 512, lora)
+
+        both = run([(0.0, TOKENS[:5]), (1.5, TOKENS[2:])])
+        first = run([(0.0, TOKENS[:5])])
+        second = run([(1.5, TOKENS[2:])])
+        assert _close(both, np.concatenate([first, second]))
+        assert not _close(first, run([(1.5, TOKENS[:5])]))
+    finally:
+        model.close()
+
+
+def test_no_adapter_builds_the_plain_graph(base):
+    d, m, _, _ = base
+    model = load_model(str(m.path), [LocalBackend()], n_ctx=64)
+    with_a = load_model(str(m.path), [LocalBackend()], n_ctx=64, lora=[(str(d / "a1.gguf"), 1.0)])
+    try:
+        assert model.adapters == [] and all(not s.lora.inputs and s.lora.buffer == 0 for s in model.pipeline.stages)
+        assert all(s.lora.inputs for s in with_a.pipeline.stages)
+    finally:
+        model.close()
+        with_a.close()
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("arch", "architecture 'qwen2' does not match the model's 'llama'"),
+    ("shape", "'blk.0.attn_k.weight' has an incorrect shape"),
+    ("type", "expected general.type 'adapter'"),
+    ("missing", "does not exist in the base model"),
+])
+def test_wrong_adapter_is_a_clear_startup_error(base, tmp_path, kind, message):
+    _, m, _, _ = base
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "arch":
+        write_adapter(path, m, arch="qwen2")
+    elif kind == "shape":
+        write_adapter(path, m, bad_shape="blk.0.attn_k.weight")
+    elif kind == "type":
+        write_adapter(path, m, general_type="model")
+    else:
+        small = write_model(tmp_path / "small.gguf", n_layer=3, n_embd=64, n_head=4, n_head_kv=2, n_ff=128)
+        write_adapter(path, small, layers=[2])
+    with pytest.raises(ModelLoadError, match=message) as e:
+        load_model(str(m.path), [LocalBackend()], n_ctx=64, lora=[(str(path), 1.0)])
+    assert str(path) in str(e.value)
+
+
+def test_parse_scales(base):
+    d, m, _, _ = base
+    model = load_model(str(m.path), [LocalBackend()], n_ctx=64,
+                       lora=[(str(d / "a1.gguf"), 1.0), (str(d / "a2.gguf"), 1.0)])
+    try:
+        ads = model.adapters
+        assert parse_scales([{"id": 1, "scale": 0.5}], ads) == (0.0, 0.5)    # unlisted: 0
+        assert parse_scales([], ads) == (0.0, 0.0)
+        for bad in ({"id": 0}, [{"id": 2, "scale": 1}], [{"id": True, "scale": 1}], [{"id": 0, "scale": "x"}], [3]):
+            with pytest.raises(ValueError):
+                parse_scales(bad, ads)
+    finally:
+        model.close()
