@@ -170,3 +170,58 @@ def test_parse_scales(base):
                 parse_scales(bad, ads)
     finally:
         model.close()
+
+
+def _greedy(engine, prompt, n=8, **kw) -> list[int]:
+    from llamarpc.frontend.engine import FinalEvent, PartialEvent, TaskParams
+    from llamarpc.frontend.sampling import SamplingParams
+
+    params = TaskParams(sampling=SamplingParams(temperature=0.0), n_predict=n, **kw)
+    toks: list[int] = []
+    for ev in engine.stream(prompt, params):
+        if isinstance(ev, PartialEvent):
+            toks += ev.tokens
+        if isinstance(ev, FinalEvent):
+            break
+    return toks
+
+
+def test_engine_per_request_scales_and_prompt_cache(base):
+    """Per request: scale 0 generates as the base model, scale 1 as the merged model; the global
+    scale applies when a request names none; a slot's cached prompt is not reused across scales."""
+    import threading
+
+    from llamarpc.frontend.engine import Engine, EngineConfig
+
+    d, m, a1, _ = base
+    merged_path = _merged_model(d, m, "merged_e.gguf", [(a1, 1.0, 16.0)])
+
+    def engine(path, lora=(), n_parallel=1):
+        e = Engine(load_model(str(path), [LocalBackend()], n_ctx=128, lora=lora),
+                   EngineConfig(n_parallel=n_parallel, warmup=False))
+        e.start()
+        return e
+
+    plain, mer = engine(m.path), engine(merged_path)
+    eng = engine(m.path, [(str(d / "a1.gguf"), 1.0)], n_parallel=2)
+    try:
+        prompt = TOKENS
+        want_plain, want_merged = _greedy(plain, prompt), _greedy(mer, prompt)
+        assert want_plain != want_merged
+        assert _greedy(eng, prompt) == want_merged                 # global scale 1.0
+        assert _greedy(eng, prompt, lora=(0.0,)) == want_plain     # same prompt: cache not reused
+        assert _greedy(eng, prompt, lora=(1.0,)) == want_merged
+        eng.model.adapters[0].scale = 0.0
+        assert _greedy(eng, prompt) == want_plain
+        out: dict[str, list[int]] = {}
+        ts = [threading.Thread(target=lambda k=k, s=s: out.__setitem__(k, _greedy(eng, prompt, lora=(s,))))
+              for k, s in (("a", 0.0), ("b", 1.0))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert out == {"a": want_plain, "b": want_merged}          # one batch, two scales
+    finally:
+        for e in (plain, mer, eng):
+            e.stop()
+            e.model.close()
