@@ -157,6 +157,13 @@ def test_wrong_adapter_is_a_clear_startup_error(base, tmp_path, kind, message):
     assert str(path) in str(e.value)
 
 
+def test_task_params_json_lists_every_adapter():
+    from llamarpc.frontend.engine import TaskParams
+
+    assert TaskParams(lora=(0.0, 0.5)).to_json()["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.5}]
+    assert TaskParams().to_json()["lora"] == []
+
+
 def test_parse_scales(base):
     d, m, _, _ = base
     model = load_model(str(m.path), [LocalBackend()], n_ctx=64,

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from ..engine import TaskParams
+from ..model.lora import parse_scales
 from ..model.tokenizer import Tokenizer
 from ..sampling import SamplingParams, samplers_from_chars, samplers_from_names
 from .errors import bad_request
@@ -204,13 +205,18 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
         raise bad_request(f"'id_slot' {id_slot} does not exist (there are {s.n_parallel} slots)")
     sampling = sampling_params(b, s.sampling, tok)
     sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(b.data, state))
+    adapters = state.model.adapters
+    try:    # the request's own adapter scales, else the global ones as they are now
+        lora = parse_scales(b.raw("lora"), adapters) if b.has("lora") else tuple(a.scale for a in adapters)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
     return TaskParams(
         sampling=sampling, n_predict=n_predict, stop=tuple(w for w in b.str_list("stop", (), allow_str=True) if w),
         stop_regex=stop_regex, ignore_eos=b.bool("ignore_eos", s.ignore_eos),
         cache_prompt=b.bool("cache_prompt", s.cache_prompt), n_probs=n_probs,
         post_sampling_probs=b.bool("post_sampling_probs", False), return_tokens=b.bool("return_tokens", False),
         stream=b.bool("stream", False), id_slot=id_slot, timings_per_token=b.bool("timings_per_token", False),
-        n_keep=b.int("n_keep", 0, -1), model=s.model_name,
+        n_keep=b.int("n_keep", 0, -1), model=s.model_name, lora=lora,
     )
 
 

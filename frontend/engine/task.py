@@ -54,7 +54,7 @@ class TaskParams:
             "samplers": list(s.samplers),
             "timings_per_token": self.timings_per_token, "post_sampling_probs": self.post_sampling_probs,
             "cache_prompt": self.cache_prompt,
-            "lora": [{"id": i, "scale": v} for i, v in enumerate(self.lora or ()) if v != 0.0],
+            "lora": [{"id": i, "scale": v} for i, v in enumerate(self.lora or ())],
         }
 
 
