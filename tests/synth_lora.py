@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from llamarpc.frontend.model.gguf_file import GGUFFile
 from synth import SynthModel
 
 DEFAULT_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -26,8 +27,9 @@ def write_adapter(path: Path, m: SynthModel, *, rank: int = 8, alpha: float = 16
     w.add_float32("adapter.lora.alpha", alpha)
     names = [f"blk.{i}.{t}.weight" for i in (range(m.n_layer) if layers is None else layers) for t in targets]
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    shapes = {n: t.shape for n, t in GGUFFile(m.path).tensors.items()}   # as stored (fused ones too)
     for name in [*names, *extra]:
-        n_out, n_in = m.weights[name].shape
+        n_out, n_in = shapes[name]
         a = (rng.standard_normal((rank, n_in + (name == bad_shape))) * 0.1).astype(np.float32)
         b = (rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32)
         w.add_tensor(f"{name}.lora_a", a)

@@ -232,3 +232,79 @@ def test_engine_per_request_scales_and_prompt_cache(base):
         for e in (plain, mer, eng):
             e.stop()
             e.model.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_other_architectures_equal_the_merged_reference(tmp_path, arch):
+    """The adapter terms come from the shared matmul, so every architecture module gets them: the
+    output equals the architecture's numpy reference run on merged weights."""
+    import dataclasses
+
+    from synth_arch import gemma3_reference, llama_like_reference, write_gemma3, write_llama_like
+
+    if arch == "gemma3":
+        m, ref = write_gemma3(tmp_path / "m.gguf", n_layer=2), gemma3_reference
+    else:
+        m, ref = write_llama_like(tmp_path / "m.gguf", arch), llama_like_reference
+    pairs = write_adapter(tmp_path / "a.gguf", m, rank=4, alpha=8.0, layers=[0, 1])
+    got = _logits(m.path, [(str(tmp_path / "a.gguf"), 0.8)])
+    want = ref(dataclasses.replace(m, weights={**m.weights, **merged(m, [(pairs, 0.8, 8.0)])}), TOKENS)
+    base_ref = ref(m, TOKENS)
+    assert np.abs(got - want).max() <= 5e-5 * np.abs(want).max() + 1e-4
+    assert np.abs(want - base_ref).max() > 1e-2
+
+
+def test_fused_phi3_weight_is_refused(tmp_path):
+    from synth_arch import write_llama_like
+
+    m = write_llama_like(tmp_path / "m.gguf", "phi3")
+    write_adapter(tmp_path / "a.gguf", m, targets=("attn_qkv",), layers=[0])
+    with pytest.raises(ValueError, match="blk.0.attn_qkv.weight: this architecture's graph does not multiply"):
+        load_model(str(m.path), [LocalBackend()], n_ctx=64, lora=[(str(tmp_path / "a.gguf"), 1.0)])
+
+
+def test_node_rejects_a_bad_scale_input(base):
+    """The scale inputs are checked by the node like any input: a wrong shape is INVALID_ARGUMENT and
+    the node keeps serving."""
+    from llamarpc.proto.errors import InvalidArgument
+
+    d, m, _, _ = base
+    model = load_model(str(m.path), [LocalBackend()], n_ctx=64, lora=[(str(d / "a1.gguf"), 1.0)])
+    try:
+        s = model.pipeline.stages[0]
+        n = 3
+        ins = {"tokens": np.array([1, 2, 3], np.int32), "pos": np.arange(n, dtype=np.int32),
+               "seq": np.zeros(n, np.int32), "cells": np.arange(n, dtype=np.int32),
+               "kv_pos": np.arange(n, dtype=np.int32), "kv_seq": np.zeros(n, np.int32),
+               "out_rows": np.array([2], np.int32), "lora.0": np.ones((n, 1), np.float32),
+               "lora_out.0": np.ones((1, 1), np.float32)}
+        assert s.backend.compute(s.graph_id, ins)["logits"].shape == (1, m.n_vocab)
+        for name, bad in (("lora.0", np.ones((n + 1, 1), np.float32)), ("lora.0", np.ones((n, 2), np.float32)),
+                          ("lora_out.0", np.ones((2, 1), np.float32)), ("lora.0", np.ones((n, 1), np.int32))):
+            with pytest.raises(InvalidArgument):
+                s.backend.compute(s.graph_id, {**ins, name: bad})
+        assert s.backend.compute(s.graph_id, ins)["logits"].shape == (1, m.n_vocab)
+    finally:
+        model.close()
+
+
+def test_over_grpc_node_equals_in_process(base, tmp_path):
+    """A/B go to a real llamarpc-server process through the stage set-up (set_tensors, from its
+    cache the second time): the logits equal the in-process ones."""
+    from llamarpc.client.remote import RemoteBackend
+    from nodeproc import start_node
+
+    d, m, _, _ = base
+    specs = [(str(d / "a1.gguf"), 0.7), (str(d / "a2.gguf"), -1.0)]
+    local = _logits(m.path, specs)
+    with start_node(tmp_path) as node:
+        for _ in range(2):
+            b = RemoteBackend(node.address)
+            model = load_model(str(m.path), [LocalBackend(), b], n_ctx=64, lora=specs, tensor_split=[1, 1])
+            try:
+                sent = model.pipeline.stages[1].bytes_sent
+                got = LogitsProbe(model).eval(TOKENS, all_logits=True)
+            finally:
+                model.close()
+            assert _close(got, local)
+        assert sent < 4096      # the second time the weights and A/B came from the node's cache
