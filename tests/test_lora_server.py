@@ -106,3 +106,29 @@ def test_wrong_adapter_is_a_startup_error(files, tmp_path):
     assert p.returncode != 0
     assert "has an incorrect shape" in p.stderr and str(bad) in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_random_lora_json_never_5xx(http):
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
+    entry = st.fixed_dictionaries({}, optional={"id": leaf, "scale": leaf}) | leaf
+    bodies = st.lists(entry, max_size=4) | leaf | st.dictionaries(st.text(max_size=4), leaf, max_size=2)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(bodies)
+    def check(body):
+        for path, payload in (("/lora-adapters", body), ("/completion", {"prompt": "a", "n_predict": 1, "lora": body})):
+            r = http.post(path, content=json.dumps(body if path == "/lora-adapters" else payload))
+            assert r.status_code in (200, 400), (path, body, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["code"] == 400
+
+    try:
+        check()
+    finally:
+        http.post("/lora-adapters", json=[])
+    assert all(a["scale"] == 0.0 for a in http.get("/lora-adapters").json())
