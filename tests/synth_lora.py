@@ -16,10 +16,10 @@ DEFAULT_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn
 def write_adapter(path: Path, m: SynthModel, *, rank: int = 8, alpha: float = 16.0, seed: int = 7,
                   targets: Sequence[str] = DEFAULT_TARGETS, layers: Sequence[int] | None = None,
                   extra: Sequence[str] = (), arch: str | None = None, general_type: str = "adapter",
-                  bad_shape: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                  bad_shape: str | None = None, f16: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Write an adapter for the `targets` of `layers` (all) plus the whole tensors named in `extra`
     (e.g. output.weight); returns base name -> (A [r, n_in], B [n_out, r]) as float32. `bad_shape`
-    names a tensor whose A gets one column too many."""
+    names a tensor whose A gets one column too many; `f16` stores A/B as F16."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch or m.arch)
     w.add_string("general.type", general_type)
@@ -32,8 +32,11 @@ def write_adapter(path: Path, m: SynthModel, *, rank: int = 8, alpha: float = 16
         n_out, n_in = shapes[name]
         a = (rng.standard_normal((rank, n_in + (name == bad_shape))) * 0.1).astype(np.float32)
         b = (rng.standard_normal((n_out, rank)) * 0.1).astype(np.float32)
+        if f16:     # stored as F16 (convert_lora_to_gguf's default); the float32 values are those
+            a, b = a.astype(np.float16), b.astype(np.float16)
         w.add_tensor(f"{name}.lora_a", a)
         w.add_tensor(f"{name}.lora_b", b)
+        a, b = a.astype(np.float32), b.astype(np.float32)
         out[name] = (a, b)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -56,6 +56,13 @@ def test_adapter_equals_merged_weights(base):
     assert not _close(got, plain)          # the adapter changes the output
 
 
+def test_f16_adapter_equals_merged_weights(base):
+    d, m, _, _ = base
+    pairs = write_adapter(d / "h.gguf", m, rank=16, alpha=32.0, seed=4, f16=True, extra=("output.weight",))
+    got = _logits(m.path, [(str(d / "h.gguf"), 1.0)])
+    assert _close(got, _logits(_merged_model(d, m, "merged_h.gguf", [(pairs, 1.0, 32.0)])))
+
+
 def test_two_adapters_alpha_zero_and_two_nodes(base):
     d, m, a1, a2 = base
     specs = [(str(d / "a1.gguf"), -0.5), (str(d / "a2.gguf"), 2.0)]

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX_A, SUFFIX_B = ".lora_a", ".lora_b"
 MAX_ADAPTERS = 64
+# what llama.cpp's convert_lora_to_gguf.py writes (--outtype f32 / f16 / bf16 / q8_0)
+AB_TYPES = {GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,10 @@ def load_adapter(path: str, index: int, scale: float, model: GGUFFile) -> LoraAd
         if base == "token_embd.weight":
             raise bad("a LoRA of token_embd.weight (the embedding lookup) is not supported")
         a, b = ab["a"], ab["b"]
+        for t in (a, b):
+            if int(t.type) not in AB_TYPES:
+                raise bad(f"tensor {t.name!r} has type {t.type.name}; LoRA tensors may be "
+                          f"{', '.join(sorted(x.name for x in AB_TYPES))}")
         if len(w.shape) != 2 or len(a.shape) != 2 or len(b.shape) != 2:
             raise bad(f"{base!r}: the base and its A/B must be matrices (shapes {w.shape}, {a.shape}, {b.shape})")
         if a.shape[1] != w.shape[1] or b.shape[0] != w.shape[0]:
