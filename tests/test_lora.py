@@ -79,29 +79,37 @@ def test_scale_zero_equals_base(base):
     assert np.array_equal(got, plain)
 
 
+def _decode_programs(node: Node) -> list:
+    return [p for g in node._graphs.values() for plan in g.values()
+            for sig, p in plan.programs.items() if p is not None and sig[1] == (1,)]
+
+
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_compiled_programs_equal_step_by_step(tmp_path, monkeypatch, mode):
+    """An F16 adapter's matmuls, scale MULs and ADDs all get records: a decode program has as many
+    Python steps as without the adapter, and computes what the step-by-step executor does."""
     m = write_model(tmp_path / "q.gguf", qtype=T.Q8_0, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128,
                     tied=False)
-    write_adapter(tmp_path / "a.gguf", m, rank=8, alpha=16.0, extra=("output.weight",))
-    specs = [(str(tmp_path / "a.gguf"), 1.0)]
-    outs, runs = [], 0
-    for enabled in (False, True):
+    write_adapter(tmp_path / "a.gguf", m, rank=8, alpha=16.0, extra=("output.weight",), f16=True)
+    outs, python_steps = [], {}
+    for lora, enabled in (((), True), ([(str(tmp_path / "a.gguf"), 1.0)], False), ([(str(tmp_path / "a.gguf"), 1.0)], True)):
         monkeypatch.setattr(program, "ENABLED", enabled)
         node = Node(matmul_mode=mode)
-        model = load_model(str(m.path), [LocalBackend(node=node)], n_ctx=64, lora=specs)
+        model = load_model(str(m.path), [LocalBackend(node=node)], n_ctx=64, lora=lora)
         try:
             probe = LogitsProbe(model)
             out = [probe.eval(TOKENS[:4], all_logits=True)]
             for t in TOKENS[4:]:                 # decode steps: the compiled path
                 out.append(probe.eval([t])[None])
             outs.append(np.concatenate(out))
-            runs = sum(p.runs for g in node._graphs.values() for plan in g.values()
-                       for p in plan.programs.values() if p is not None)
+            if enabled:
+                (prog,) = _decode_programs(node)
+                assert prog.runs >= 3
+                python_steps[bool(lora)] = sum(not isinstance(seg, np.ndarray) for seg in prog.segments)
         finally:
             model.close()
-    assert np.array_equal(outs[0], outs[1])
-    assert runs >= 3                            # the decode steps did run as programs
+    assert np.array_equal(outs[1], outs[2])
+    assert python_steps[True] == python_steps[False]
 
 
 def test_per_row_scales_share_a_batch(base):
@@ -283,11 +291,12 @@ def test_node_rejects_a_bad_scale_input(base):
         ins = {"tokens": np.array([1, 2, 3], np.int32), "pos": np.arange(n, dtype=np.int32),
                "seq": np.zeros(n, np.int32), "cells": np.arange(n, dtype=np.int32),
                "kv_pos": np.arange(n, dtype=np.int32), "kv_seq": np.zeros(n, np.int32),
-               "out_rows": np.array([2], np.int32), "lora.0": np.ones((n, 1), np.float32),
-               "lora_out.0": np.ones((1, 1), np.float32)}
+               "out_rows": np.array([2], np.int32), "lora.0.8": np.ones((n, 8), np.float32),
+               "lora_out.0.8": np.ones((1, 8), np.float32)}
+        assert sorted(i.name for i in s.lora.inputs) == ["lora.0.8", "lora_out.0.8"]
         assert s.backend.compute(s.graph_id, ins)["logits"].shape == (1, m.n_vocab)
-        for name, bad in (("lora.0", np.ones((n + 1, 1), np.float32)), ("lora.0", np.ones((n, 2), np.float32)),
-                          ("lora_out.0", np.ones((2, 1), np.float32)), ("lora.0", np.ones((n, 1), np.int32))):
+        for name, bad in (("lora.0.8", np.ones((n + 1, 8), np.float32)), ("lora.0.8", np.ones((n, 2), np.float32)),
+                          ("lora_out.0.8", np.ones((2, 8), np.float32)), ("lora.0.8", np.ones((n, 8), np.int32))):
             with pytest.raises(InvalidArgument):
                 s.backend.compute(s.graph_id, {**ins, name: bad})
         assert s.backend.compute(s.graph_id, ins)["logits"].shape == (1, m.n_vocab)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from llamarpc.client import Backend, GraphBuilder, TensorRef
 
-from ..model.lora import LoraAdapter, LoraGraphBuilder, LoraTerm, scale_input
+from ..model.lora import LoraAdapter, LoraGraphBuilder, LoraTerm, ScaleInput
 
 
 def _align(n: int, a: int) -> int:
@@ -29,7 +29,7 @@ class StageLora:
     def __init__(self) -> None:
         self.buffer = 0
         self.nbytes = 0
-        self.inputs: list[str] = []
+        self.inputs: list[ScaleInput] = []
 
     def upload(self, backend: Backend, adapters: Sequence[LoraAdapter], refs: Mapping[str, TensorRef],
                align: int) -> tuple[GraphBuilder, int]:
@@ -76,11 +76,11 @@ class StageLora:
         """This stage's scale inputs for the micro-batch `rows` of a step whose per-row scales are
         `scales` F32[n, n_adapters]; `out_rows` the wanted rows within the micro-batch."""
         out: dict[str, np.ndarray] = {}
-        for name in self.inputs:
-            head = name.startswith("lora_out.")
-            j = int(name.rsplit(".", 1)[1])
-            col = scales[rows, j]
-            out[name] = np.ascontiguousarray((col[out_rows] if head else col).reshape(-1, 1), np.float32)
+        for s in self.inputs:
+            col = scales[rows, s.adapter] * np.float32(s.factor)
+            if s.head:
+                col = col[out_rows]
+            out[s.name] = np.ascontiguousarray(np.broadcast_to(col[:, None], (col.size, s.rank)), np.float32)
         return out
 
 
@@ -91,4 +91,4 @@ def row_scales(adapters: Sequence[LoraAdapter], n: int, per_row: np.ndarray | No
     return np.tile(np.array([a.scale for a in adapters], np.float32), (n, 1))
 
 
-__all__ = ["StageLora", "adapter_bytes", "row_scales", "scale_input"]
+__all__ = ["StageLora", "adapter_bytes", "row_scales"]

@@ -4,11 +4,13 @@ shape [n_out, n_in]), ``W.lora_a`` [r, n_in] and ``W.lora_b`` [n_out, r] (ggml's
 llama.cpp's src/llama-adapter.cpp checks them). A matmul ``x @ W.T`` becomes
 ``x @ W.T + s * ((x @ A.T) @ B.T)`` with ``s = scale * alpha / r`` (``scale`` when alpha is 0).
 
-The graph takes each adapter's user scale as an input per token row (``lora.{id}`` F32[n, 1], and
-``lora_out.{id}`` F32[r, 1] for the output head, which sees only the rows whose logits are wanted),
-so changing scales never re-registers a graph and requests with different scales share a batch.
-The two small matmuls, the MUL by the scale and the ADD are ordinary ops: the node validates them
-as it validates every op, and compiled programs run them (F32 A/B as Python steps between records).
+The graph takes each adapter's scale as an input per token row, already times alpha / r and
+repeated over the r columns of ``x @ A.T`` (``lora.{id}.{r}`` F32[n, r]; ``lora_out.{id}.{r}``
+F32[rows, r] for the output head, which sees only the rows whose logits are wanted), so changing
+scales never re-registers a graph and requests with different scales share a batch. The two small
+matmuls, the same-shape MUL by the scale and the ADD are ordinary ops: the node validates them as
+it validates every op, and compiled programs have records for them (F16/BF16/Q8_0 A/B; an F32
+matmul is a Python step between records, as for an F32 base weight).
 A model without adapters builds the plain graph (`LoraGraphBuilder` is not used).
 """
 from __future__ import annotations
@@ -149,12 +151,25 @@ class LoraTerm:
     adapter: int
     a: TensorRef
     b: TensorRef
-    factor: float       # alpha / rank
-    head: bool          # the output head: its rows are the wanted ones (``lora_out.{id}``)
+    factor: float       # alpha / rank (1 when alpha is 0)
+    head: bool          # the output head: its rows are the wanted ones (``lora_out.*``)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
 
 
-def scale_input(adapter: int, head: bool) -> str:
-    return f"{'lora_out' if head else 'lora'}.{adapter}"
+@dataclasses.dataclass(frozen=True)
+class ScaleInput:
+    """One scale input of a graph: adapter `adapter`'s scale times `factor`, over `rank` columns."""
+    adapter: int
+    rank: int
+    factor: float
+    head: bool
+
+    @property
+    def name(self) -> str:
+        return f"{'lora_out' if self.head else 'lora'}.{self.adapter}.{self.rank}"
 
 
 def _key(buffer_id: int, offset: int, shape: Sequence[int]) -> tuple[int, int, tuple[int, ...]]:
@@ -169,23 +184,23 @@ class LoraGraphBuilder(GraphBuilder):
     def __init__(self, terms: Mapping[TensorRef, Sequence[LoraTerm]]) -> None:
         super().__init__()
         self._terms = {_key(r.buffer_id, r.offset, r.shape): (r, list(ts)) for r, ts in terms.items()}
-        self._scales: dict[str, Value] = {}
+        self._scales: dict[str, tuple[ScaleInput, Value]] = {}
         self._used: set[tuple[int, int, tuple[int, ...]]] = set()
 
     @property
-    def scale_inputs(self) -> list[str]:
-        return list(self._scales)
+    def scale_inputs(self) -> list[ScaleInput]:
+        return [s for s, _ in self._scales.values()]
 
     @property
     def unused(self) -> list[TensorRef]:
         return [r for k, (r, _) in self._terms.items() if k not in self._used]
 
-    def _scale(self, adapter: int, head: bool) -> Value:
-        name = scale_input(adapter, head)
-        v = self._scales.get(name)
-        if v is None:
-            v = self._scales[name] = self.input(name, GGMLType.F32, ("r" if head else "n", 1))
-        return v
+    def _scale(self, term: LoraTerm) -> Value:
+        s = ScaleInput(term.adapter, term.rank, term.factor, term.head)
+        hit = self._scales.get(s.name)
+        if hit is None:
+            hit = self._scales[s.name] = (s, self.input(s.name, GGMLType.F32, ("r" if s.head else "n", s.rank)))
+        return hit[1]
 
     def matmul(self, x: Value, w: Value) -> Value:
         y = super().matmul(x, w)
@@ -198,9 +213,6 @@ class LoraGraphBuilder(GraphBuilder):
             return y
         self._used.add(key)
         for term in entry[1]:
-            h = super().matmul(x, self.tensor(term.a))
-            h = self.mul(h, self._scale(term.adapter, term.head))
-            if term.factor != 1.0:
-                h = self.scale(h, term.factor)
+            h = self.mul(super().matmul(x, self.tensor(term.a)), self._scale(term))
             y = self.add(y, super().matmul(h, self.tensor(term.b)))
         return y
