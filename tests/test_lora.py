@@ -324,3 +324,50 @@ def test_over_grpc_node_equals_in_process(base, tmp_path):
                 model.close()
             assert _close(got, local)
         assert sent < 4096      # the second time the weights and A/B came from the node's cache
+
+
+def test_node_restarted_mid_stream_replays_with_the_request_scales(base):
+    """A node that restarts loses its A/B with its KV cache: re-attached, it gets them again and the
+    replay runs with each slot's own scales, so the stream equals the merged model's."""
+    import time
+
+    from llamarpc.frontend.engine import Engine, EngineConfig, FinalEvent, PartialEvent, Task, TaskParams
+    from llamarpc.frontend.sampling import SamplingParams
+
+    class Restarting(LocalBackend):
+        restarted = False
+
+        @property
+        def alive(self) -> bool:
+            return not self.restarted
+
+        def reconnect(self):
+            self.restarted = False
+            return self.hello()
+
+    d, m, a1, _ = base
+    node = Restarting()
+    eng = Engine(load_model(str(m.path), [LocalBackend(), node], n_ctx=128, lora=[(str(d / "a1.gguf"), 0.0)]),
+                 EngineConfig(n_parallel=2, warmup=False))
+    ref = Engine(load_model(str(_merged_model(d, m, "merged_r.gguf", [(a1, 1.0, 16.0)])), [LocalBackend()], n_ctx=128),
+                 EngineConfig(warmup=False))
+    eng.start()
+    ref.start()
+    try:
+        params = TaskParams(sampling=SamplingParams(temperature=0.0), n_predict=30, ignore_eos=True, lora=(1.0,))
+        want = _greedy(ref, TOKENS, 30, ignore_eos=True)
+        events: list = []
+        eng.submit(Task(list(TOKENS), params, events.append))
+        while sum(isinstance(e, PartialEvent) for e in events) < 5:
+            time.sleep(0.002)
+        node.restarted = True
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, FinalEvent) for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(events[-1], FinalEvent), events[-1]
+        assert [t for e in events if isinstance(e, PartialEvent) for t in e.tokens] == want
+        assert eng.model.pipeline.epoch == 1
+    finally:
+        for e in (eng, ref):
+            e.stop()
+            e.model.close()
