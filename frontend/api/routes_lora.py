@@ -53,5 +53,8 @@ async def set_adapters(request: Request) -> Response:
         for a, s in zip(adapters, scales):
             a.scale = s
 
-    await asyncio.wrap_future(st.engine.call(apply))
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(st.engine.call(apply)), st.settings.timeout)
+    except asyncio.TimeoutError:
+        raise APIError(503, "the engine did not take the new scales in time", "unavailable_error") from None
     return JSONResponse({"success": True})
