@@ -61,8 +61,8 @@ def http(files):
 def test_list_and_set_global_scales(http, files, expected):
     r = http.get("/lora-adapters")
     assert r.status_code == 200
-    assert r.json() == [{"id": 0, "path": str(files / "a.gguf"), "scale": 0.0},
-                        {"id": 1, "path": str(files / "b.gguf"), "scale": 0.0}]
+    assert r.json() == [{"id": 0, "path": str(files / "a.gguf"), "scale": 0.0, "task_name": "", "prompt_prefix": ""},
+                        {"id": 1, "path": str(files / "b.gguf"), "scale": 0.0, "task_name": "", "prompt_prefix": ""}]
     assert _text(http) == expected["base"]                 # loaded without apply: scale 0
     r = http.post("/lora-adapters", json=[{"id": 0, "scale": 1.0}])
     assert r.status_code == 200 and r.json() == {"success": True}

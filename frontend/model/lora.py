@@ -57,7 +57,16 @@ class LoraAdapter:
         return self.alpha / self.pairs[base].rank if self.alpha else 1.0
 
     def to_json(self) -> dict:
-        return {"id": self.id, "path": self.path, "scale": self.scale}
+        """llama-server's GET /lora-adapters entry (task_name / prompt_prefix from the adapter's
+        adapter.lora.* metadata, "" when absent)."""
+        md = self.gguf.metadata
+        return {"id": self.id, "path": self.path, "scale": self.scale,
+                "task_name": _text(md.get("adapter.lora.task_name")),
+                "prompt_prefix": _text(md.get("adapter.lora.prompt_prefix"))}
+
+
+def _text(v: object) -> str:
+    return v if isinstance(v, str) else ""
 
 
 def load_adapter(path: str, index: int, scale: float, model: GGUFFile) -> LoraAdapter:
