@@ -48,7 +48,7 @@ class Flag:
     append: bool = False                        # repeatable; the variable holds a comma-separated list
     group: str = ""
     ignored: str | None = None                  # accepted, no effect here: why (logged as a note)
-    nargs: str | None = None                    # for ignored flags taking an optional value: "?"
+    nargs: str | None = None                    # "?" for ignored flags with an optional value; argparse's
 
     @property
     def key(self) -> str:
@@ -157,6 +157,8 @@ class FlagParser(argparse.ArgumentParser):
                 kw["metavar"] = f.metavar
                 if f.choices:
                     kw["choices"] = f.choices
+                if f.nargs:
+                    kw["nargs"] = f.nargs
                 if f.append:
                     kw["action"] = "append"
                     kw["default"] = None        # argparse appends to the default

@@ -100,9 +100,12 @@ def add_byte_tokenizer(w: gguf.GGUFWriter, tokens: list[str], types: list[int], 
 
 def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 256,
                 n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, seed: int = 0, tied: bool = True,
-                skip_tensor: str | None = None, cls_out: int = 0, fim: bool = False) -> SynthModel:
+                skip_tensor: str | None = None, cls_out: int = 0, fim: bool = False,
+                replace: dict[str, np.ndarray] | None = None) -> SynthModel:
     """`cls_out` > 0 adds a classification head (cls.output.weight [cls_out, n_embd] and its bias, a
-    reranker's); `fim` adds FIM tokens (<|fim_prefix|> ... <|file_sep|>, the first three by id keys)."""
+    reranker's); `fim` adds FIM tokens (<|fim_prefix|> ... <|file_sep|>, the first three by id keys).
+    `replace` swaps named F32 tensors for the given values (the random ones are drawn all the same,
+    so the other tensors are as without it: a merged-LoRA model)."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
     if fim:
@@ -124,6 +127,8 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
         stored = make_weight(rng, shape, t, scale)
         if shift:
             stored = stored + np.float32(shift)
+        if replace and name in replace:
+            stored = np.asarray(replace[name], np.float32).reshape(shape)
         weights[name] = to_float(stored, t, shape)
         if t in (T.F32, T.F16):
             w.add_tensor(name, stored)

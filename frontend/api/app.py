@@ -18,6 +18,7 @@ from .guard import BodyGuard
 from .routes_embed import router as embed_router
 from .routes_infill import router as infill_router
 from .routes_llmapi import router as llmapi_router
+from .routes_lora import router as lora_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
 from .schemas import validation_message
@@ -94,6 +95,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(llmapi_router)
     app.include_router(embed_router)
     app.include_router(infill_router)
+    app.include_router(lora_router)
     if state.settings.webui:
         app.include_router(webui_router)
     s = state.settings

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from ..engine import TaskParams
+from ..model.lora import parse_scales
 from ..model.tokenizer import Tokenizer
 from ..sampling import SamplingParams, samplers_from_chars, samplers_from_names
 from .errors import bad_request
@@ -134,13 +135,18 @@ def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = Fa
     stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
     sampling = sampling_params(r, s.sampling, tok)
     sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(r.grammar, r.json_schema, state))
+    adapters = state.model.adapters
+    try:    # the request's own adapter scales, else the global ones as they are now
+        lora = parse_scales(r.lora, adapters) if r.lora is not None else tuple(a.scale for a in adapters)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
     return TaskParams(
         sampling=sampling, n_predict=n_predict, stop=tuple(w for w in stop if w),
         stop_regex=stop_regex, ignore_eos=_or(r.ignore_eos, s.ignore_eos),
         cache_prompt=_or(r.cache_prompt, s.cache_prompt), n_probs=n_probs,
         post_sampling_probs=bool(r.post_sampling_probs), return_tokens=bool(r.return_tokens),
         stream=bool(r.stream), id_slot=id_slot, timings_per_token=bool(r.timings_per_token),
-        n_keep=_or(r.n_keep, 0), model=s.model_name,
+        n_keep=_or(r.n_keep, 0), model=s.model_name, lora=lora,
     )
 
 

@@ -128,6 +128,7 @@ class CompletionOptions(SamplingFields):
     json_schema: dict[str, Any] | bool | None = None
     model: str | None = None
     response_fields: list[str] | None = None
+    lora: list[Any] | None = None       # [{"id": adapter id, "scale": s}]: this request's LoRA scales
 
 
 def _prompt_object(p: Any) -> Any:

@@ -70,6 +70,12 @@ FLAGS: list[Flag] = [
          env=_a("CACHE_TYPE_K"), choices=("f32", "f16"), metavar="TYPE"),
     Flag(("-ctv", "--cache-type-v"), "KV cache type for V (default: the K type; must equal it)", str, None,
          env=_a("CACHE_TYPE_V"), choices=("f32", "f16"), metavar="TYPE"),
+    Flag(("--lora",), "LoRA adapter GGUF, scale 1 (repeatable, or comma-separated); ids in command-line order",
+         str, None, dest="lora", append=True, metavar="FNAME"),
+    Flag(("--lora-scaled",), "LoRA adapter with a scale: FNAME SCALE, or FNAME:SCALE[,...] (repeatable)",
+         str, None, dest="lora", append=True, nargs="+", metavar="FNAME SCALE"),
+    Flag(("--lora-init-without-apply",), "load the LoRA adapters with scale 0 (set them with POST "
+         "/lora-adapters or a request's 'lora')", None, False),
     Flag(("-b", "--batch-size"), "logical batch: prompt tokens per step", _POS, 512, env=_a("BATCH"), metavar="N"),
     Flag(("-ub", "--ubatch-size"), "physical batch: tokens per forward", _POS, 512, env=_a("UBATCH"), metavar="N"),
     Flag(("-t", "--threads"), "threads of BLAS and the in-process node, 0 = all cores", _NONNEG, 0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from llamarpc.proto.cliargs import CLIError, read_file
+from llamarpc.proto.cliargs import CLIError, file_problem, read_file
 
 if TYPE_CHECKING:   # numpy (under proto.types) is imported only after the BLAS thread limit is set
     from llamarpc.proto.types import GGMLType
@@ -57,14 +57,48 @@ def make_backends(args: argparse.Namespace) -> list:
     return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
 
 
+def _scaled(item: list[str]) -> list[tuple[str, str]]:
+    """--lora-scaled's words as (path, scale text): FNAME SCALE, or FNAME:SCALE[,...]."""
+    if len(item) == 2:
+        return [(item[0], item[1])]
+    if len(item) == 1 and ":" in item[0]:
+        return [(p.rsplit(":", 1)[0], p.rsplit(":", 1)[1]) for p in item[0].split(",") if p.strip()]
+    raise CLIError(f"--lora-scaled {' '.join(item)}: expected FNAME SCALE or FNAME:SCALE[,...]")
+
+
+def lora_specs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """--lora FNAME[,FNAME] and --lora-scaled FNAME SCALE / FNAME:SCALE[,...] as (path, scale) in
+    command-line order (the adapters' ids); --lora-init-without-apply makes every scale 0. A bad
+    scale or a missing file is a CLIError naming the flag."""
+    out: list[tuple[str, float]] = []
+    for item in args.lora or []:
+        if isinstance(item, str):       # --lora
+            flag, pairs = "--lora", [(p.strip(), "1") for p in item.split(",") if p.strip()]
+        else:
+            flag, pairs = "--lora-scaled", _scaled(item)
+        for path, text in pairs:
+            try:
+                scale = float(text)
+            except ValueError:
+                scale = float("nan")
+            if scale != scale or abs(scale) == float("inf"):
+                raise CLIError(f"{flag} {path}: scale {text!r} is not a finite number")
+            problem = file_problem(path)
+            if problem:
+                raise CLIError(f"{flag} {path}: {problem}")
+            out.append((path, 0.0 if args.lora_init_without_apply else scale))
+    return out
+
+
 def load_from_args(args: argparse.Namespace, progress: Progress | None = None) -> Model:
-    """-m on the backends of --rpc (or in process), -c, -ts, -ctk/-ctv."""
+    """-m on the backends of --rpc (or in process), -c, -ts, -ctk/-ctv, --lora*."""
     from ..engine import load_model
 
+    lora = lora_specs(args)
     backends = make_backends(args)
     split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
     return load_model(args.model, backends, n_ctx=args.ctx_size, tensor_split=split, progress=progress,
-                      kv_type=kv_cache_type(args))
+                      kv_type=kv_cache_type(args), lora=lora)
 
 
 def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True) -> EngineConfig:

@@ -67,16 +67,17 @@ class EngineMetrics:
 
 
 def forward_micro_batches(pipeline: Pipeline, kv: KVCells, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray,
-                          want: np.ndarray, n_ubatch: int) -> np.ndarray:
+                          want: np.ndarray, n_ubatch: int, lora: np.ndarray | None = None) -> np.ndarray:
     """One step as micro-batches of at most n_ubatch tokens, each given its KV cells; the logits
-    of the `want` rows."""
+    of the `want` rows. `lora`: each row's LoRA adapter scales (None: the global ones)."""
     outs = []
     for a in range(0, tokens.size, n_ubatch):
         sl = slice(a, a + n_ubatch)
         cells = kv.alloc(seq[sl], pos[sl])
         kv_pos, kv_seq = kv.view()
         rows = np.flatnonzero(want[sl]).astype(np.int32)
-        outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows))
+        extra = {} if lora is None else {"lora": lora[sl]}
+        outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows, **extra))
     return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
 
 
@@ -288,8 +289,9 @@ class Engine:
         if want >= 0:
             return next((s for s in free if s.id == want), None)
         if task.params.cache_prompt and task.prompt:
-            best = max(free, key=lambda s: common_prefix(s.cache, task.prompt))
-            lcp = common_prefix(best.cache, task.prompt)
+            lora = self.lora_scales(task.params)
+            best = max(free, key=lambda s: common_prefix(s.cache, task.prompt) if s.lora == lora else 0)
+            lcp = common_prefix(best.cache, task.prompt) if best.lora == lora else 0
             if lcp and lcp / len(task.prompt) > self.config.slot_prompt_similarity:
                 return best
         return min(free, key=lambda s: s.last_used)
@@ -301,6 +303,11 @@ class Engine:
             raise ValueError("the prompt is empty")
         if n >= self.n_ctx_slot:
             raise ValueError(f"the prompt has {n} tokens, the slot context is {self.n_ctx_slot}")
+        lora = self.lora_scales(p)
+        if len(lora) != len(self.model.adapters):
+            raise ValueError(f"{len(lora)} LoRA scales for {len(self.model.adapters)} adapters")
+        if slot.lora != lora:       # K/V computed with other adapter scales are not this request's
+            slot.cache = []
         n_cached = min(common_prefix(slot.cache, task.prompt), n - 1) if p.cache_prompt else 0
         self.kv.remove(slot.id, n_cached)
         sp = p.sampling
@@ -311,6 +318,7 @@ class Engine:
         sampler = Sampler(sp, self.model.n_vocab, n_ctx=self.n_ctx, dry_breakers=breakers)
         sampler.accept_many(task.prompt)
         slot.start(task, n_cached, sampler, self.tokenizer)
+        slot.lora = lora
         self.metrics.n_requests_total += 1
         log.debug("slot %d: task %d, %d prompt tokens (%d cached)", slot.id, task.id, n, n_cached)
 
@@ -341,10 +349,12 @@ class Engine:
             seq += [s.id] * take
             want += [False] * (take - 1) + [out]
         n_prompt = len(toks) - len(dec)
+        lora = np.array([s.lora for s, take, _ in parts for _ in range(take)], np.float32) \
+            if self.model.adapters else None
         t0 = time.perf_counter()
         try:
             logits = self._forward(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seq, np.int32),
-                                   np.array(want, bool))
+                                   np.array(want, bool), lora)
         except NodeUnavailable as e:
             for s, _, _ in parts:
                 self.kv.remove(s.id, len(s.cache))
@@ -402,8 +412,16 @@ class Engine:
         self._emit(task, final)
         s.release()
 
-    def _forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray) -> np.ndarray:
-        return forward_micro_batches(self.model.pipeline, self.kv, tokens, pos, seq, want, self.config.n_ubatch)
+    def _forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, want: np.ndarray,
+                 lora: np.ndarray | None = None) -> np.ndarray:
+        return forward_micro_batches(self.model.pipeline, self.kv, tokens, pos, seq, want, self.config.n_ubatch,
+                                     lora)
+
+    def lora_scales(self, params: TaskParams) -> tuple[float, ...]:
+        """A request's scale per LoRA adapter: its own, else the global ones (POST /lora-adapters)."""
+        if params.lora is not None:
+            return params.lora
+        return tuple(a.scale for a in self.model.adapters)
 
     # -- nodes lost and found ---------------------------------------------------------------------
     def _reset_cache(self) -> None:

@@ -13,6 +13,7 @@ from llamarpc.proto.types import GGMLType
 from ..model.arch import get_architecture
 from ..model.chat_builtin import BUILTIN_TEMPLATES
 from ..model.gguf_file import GGUFFile, ModelLoadError
+from ..model.lora import LoraAdapter, load_adapters
 from ..model.tokenizer import Tokenizer
 from .pipeline import Pipeline, Progress
 
@@ -27,6 +28,7 @@ class Model:
     pipeline: Pipeline
     n_ctx: int
     load_seconds: float
+    adapters: list[LoraAdapter] = dataclasses.field(default_factory=list)   # --lora, ids in order
 
     @property
     def n_vocab(self) -> int:
@@ -43,7 +45,7 @@ class Model:
 
 def load_model(path: str, backends: Sequence[Backend], n_ctx: int = 0,
                tensor_split: Sequence[float] | None = None, kv_type: GGMLType = GGMLType.F32,
-               progress: Progress | None = None) -> Model:
+               progress: Progress | None = None, lora: Sequence[tuple[str, float]] = ()) -> Model:
     """Open `path`, check it can be run, and place it on `backends`. Every problem with the file
     is a ModelLoadError naming the file and the problem."""
     t0 = time.perf_counter()
@@ -60,7 +62,8 @@ def load_model(path: str, backends: Sequence[Backend], n_ctx: int = 0,
     if not isinstance(gguf.metadata.get("tokenizer.chat_template"), str):
         log.info("%s has no tokenizer.chat_template: chat requests use chatml, as llama-server's, unless "
                  "--chat-template names one (a jinja template or a built-in: %s)", path, ", ".join(BUILTIN_TEMPLATES))
-    pipeline = Pipeline(gguf, arch, args, backends, n_ctx, tensor_split, kv_type, progress)
+    adapters = load_adapters(lora, gguf)    # (path, scale) each: checked against the model
+    pipeline = Pipeline(gguf, arch, args, backends, n_ctx, tensor_split, kv_type, progress, adapters)
     dt = time.perf_counter() - t0
     log.info("loaded %s (%s, %d layers) in %.2f s", path, args.arch, args.n_layer, dt)
-    return Model(gguf, args, tokenizer, pipeline, n_ctx, dt)
+    return Model(gguf, args, tokenizer, pipeline, n_ctx, dt, adapters)

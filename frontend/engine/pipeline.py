@@ -25,6 +25,8 @@ from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType
 
 from ..model.gguf_file import GGUFFile
+from ..model.lora import LoraAdapter
+from .lora_stage import StageLora, adapter_bytes, row_scales
 from .placement import PlacementError, format_table, human_bytes, place_layers
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,16 @@ class Stage:
     lost: bool = False
     refs: dict[str, TensorRef] = dataclasses.field(default_factory=dict)     # the weights on the node
     kv_refs: dict[int, tuple[TensorRef, TensorRef]] = dataclasses.field(default_factory=dict)  # layer -> K, V
+    lora: StageLora = dataclasses.field(default_factory=StageLora)   # LoRA A/B and scale inputs, if any
 
 
 class Pipeline:
     def __init__(self, gguf: GGUFFile, arch: ModuleType, args: object, backends: Sequence[Backend],
                  n_ctx: int, tensor_split: Sequence[float] | None = None,
-                 kv_type: GGMLType = GGMLType.F32, progress: Progress | None = None) -> None:
+                 kv_type: GGMLType = GGMLType.F32, progress: Progress | None = None,
+                 adapters: Sequence[LoraAdapter] = ()) -> None:
         self.gguf, self.arch, self.args, self.n_ctx = gguf, arch, args, n_ctx
+        self.adapters = list(adapters)
         self.kv_type = kv_type
         self.epoch = 0
         self.n_reattached = 0
@@ -100,7 +105,7 @@ class Pipeline:
     def _cost(self, names: Sequence[str]) -> int:
         """Node memory for these weights: their stored bytes (nodes keep the GGUF blocks as sent)."""
         align = 32
-        return sum(_align(self.gguf.tensor(n).nbytes, align) for n in names)
+        return sum(_align(self.gguf.tensor(n).nbytes, align) for n in names) + adapter_bytes(self.adapters, names)
 
     def _kv_bytes(self, n_layers: int) -> int:
         item = 4 if self.kv_type == GGMLType.F32 else 2
@@ -148,13 +153,15 @@ class Pipeline:
         per = _align(self._kv_bytes(1) // 2, align)
         stage.kv_bytes = per * 2 * len(stage.layers)
         stage.kv_buffer = b.alloc_buffer(stage.kv_bytes)
-        gb = GraphBuilder()
+        gb, sent = stage.lora.upload(b, self.adapters, refs, align) if self.adapters else (GraphBuilder(), 0)
+        stage.bytes_sent += sent
         stage.refs = refs
         stage.kv_refs = {i: tuple(TensorRef(stage.kv_buffer, (2 * j + h) * per, self.kv_type, (self.n_ctx, kv_dim))
                                   for h in (0, 1)) for j, i in enumerate(stage.layers)}  # type: ignore[misc]
         kv_values = {i: (gb.tensor(k), gb.tensor(v)) for i, (k, v) in stage.kv_refs.items()}
         self.arch.build_graph(gb, self.args, stage.layers, stage.first, stage.last,
                               lambda n: gb.tensor(refs[n]), kv_values)
+        stage.lora.check_built(gb, {r: n for n, r in refs.items()})
         stage.graph_id = b.register_graph(gb.build())
         stage.lost = False
 
@@ -243,7 +250,7 @@ class Pipeline:
 
     @staticmethod
     def _free(stage: Stage) -> None:
-        for bid in (stage.weights_buffer, stage.kv_buffer):
+        for bid in (stage.weights_buffer, stage.kv_buffer, stage.lora.buffer):
             if bid:
                 try:
                     stage.backend.free_buffer(bid)
@@ -281,8 +288,10 @@ class Pipeline:
 
     # -- steps ------------------------------------------------------------------------------------
     def forward(self, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray, cells: np.ndarray,
-                kv_pos: np.ndarray, kv_seq: np.ndarray, out_rows: np.ndarray) -> np.ndarray:
-        """One step over every stage; returns logits F32[len(out_rows), n_vocab].
+                kv_pos: np.ndarray, kv_seq: np.ndarray, out_rows: np.ndarray,
+                lora: np.ndarray | None = None) -> np.ndarray:
+        """One step over every stage; returns logits F32[len(out_rows), n_vocab]. With adapters,
+        `lora` F32[n, n_adapters] is each row's adapter scales (None: the global scales).
 
         Raises NodeUnavailable (naming the node) when a node is down or was just re-attached (its
         KV cache is then empty, so the step's sequences must be recomputed: see `epoch`)."""
@@ -296,6 +305,7 @@ class Pipeline:
         n = int(tokens.shape[0])
         k = self.micro_batches(n)
         bounds = [n * i // k for i in range(k + 1)]
+        scales = row_scales(self.adapters, n, lora) if self.adapters else None
         chunks = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             sel = np.flatnonzero((out_rows >= a) & (out_rows < b))
@@ -315,6 +325,9 @@ class Pipeline:
                     continue
                 inputs = {key: v for key, v in chunks[c][0].items() if key != "out_rows" or s.last}
                 inputs["tokens" if s.first else "hidden"] = carry[c]
+                if scales is not None and s.lora.inputs:
+                    rows = slice(bounds[c], bounds[c + 1])
+                    inputs.update(s.lora.step_inputs(scales, rows, chunks[c][0]["out_rows"]))
                 running.append((s, c, s.backend.compute_async(s.graph_id, inputs)))
             for s, c, pending in running:
                 try:

@@ -49,6 +49,7 @@ class Slot:
         self.t_start = self.t_prompt_done = self.t_last = 0.0
         self.last_used = 0.0
         self.has_new_line = False
+        self.lora: tuple[float, ...] = ()   # the LoRA scales `cache` was computed with
 
     @property
     def busy(self) -> bool:

@@ -33,6 +33,7 @@ class TaskParams:
     timings_per_token: bool = False
     n_keep: int = 0
     model: str = ""
+    lora: tuple[float, ...] | None = None   # a scale per LoRA adapter; None: the global scales
 
     def to_json(self) -> dict:
         """llama.cpp's generation_settings / slot "params" object."""
@@ -52,7 +53,8 @@ class TaskParams:
             "n_probs": self.n_probs, "min_keep": s.min_keep, "grammar": s.grammar.source if s.grammar is not None else "",
             "samplers": list(s.samplers),
             "timings_per_token": self.timings_per_token, "post_sampling_probs": self.post_sampling_probs,
-            "cache_prompt": self.cache_prompt, "lora": [],
+            "cache_prompt": self.cache_prompt,
+            "lora": [{"id": i, "scale": v} for i, v in enumerate(self.lora or ())],
         }
 
 
