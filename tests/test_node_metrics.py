@@ -35,9 +35,10 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def metrics_url(node: NodeProc) -> str:
-    m = re.search(r"metrics on (https?://\S+:\d+/metrics)", node.stderr_text())
-    assert m, node.stderr_text()
-    return m.group(1)
+    """The latest process's (a restarted node logs to the same file; port 0 picks a new port)."""
+    found = re.findall(r"metrics on (https?://\S+:\d+/metrics)", node.stderr_text())
+    assert found, node.stderr_text()
+    return found[-1]
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -217,4 +218,24 @@ def test_token_and_tls_as_the_grpc_port_and_a_stalled_scraper_blocks_nothing(tmp
         assert httpx.get(url.replace("/metrics", "/other"), headers={"Authorization": f"Bearer {TOKEN}"},
                          verify=tls, timeout=10).status_code == 404
     finally:
+        node.stop()
+
+
+def test_a_restarted_node_counts_one_reattach_on_the_frontend(tmp_path, model):
+    node = start_node(tmp_path, "--metrics-port", "0", "--mem", "256")
+    srv, front = _frontend(model, node)
+    try:
+        fe = _chat(front)
+        who = {"node": node.address}
+        assert value(fe, "llamarpc:node_reattaches_total", **who) == 0
+        node.restart()                       # same port, a fresh process: the session is gone
+        fe = _chat(front)                    # re-attached during this request, which still succeeds
+        assert value(fe, "llamarpc:node_reattaches_total", **who) == 1
+        assert value(fe, "llamarpc:node_up", node=node.address, state="attached", layers="0-1") == 1
+        assert value(fe, "llamarpc:node_weight_cache_hits_total", **who) > 0   # weights from its cache
+        fams = _scrape(metrics_url(node))
+        assert value(fams, "llamarpc_server:sessions") == 1
+        assert value(fams, "llamarpc_server:weight_cache_hits_total") > 0
+    finally:
+        srv.stop()
         node.stop()
