@@ -239,3 +239,15 @@ def test_a_restarted_node_counts_one_reattach_on_the_frontend(tmp_path, model):
     finally:
         srv.stop()
         node.stop()
+
+
+def test_a_busy_metrics_port_is_one_error_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        node = NodeProc(tmp_path, ("--metrics-port", str(port)))
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            node._start(0)
+    err = [line for line in node.stderr_text().splitlines() if "error" in line]
+    assert err == [f"llamarpc-server: error: --metrics-port: cannot listen on 127.0.0.1:{port}: Address already in use"]
