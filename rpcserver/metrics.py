@@ -29,7 +29,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .node import Node
-from .servicer import _CODES
+from .servicer import REFUSAL_CODES
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class NodeCollector(Collector):
                    st["cache_misses"])
         rej = _fam("counter", "llamarpc_server:rejected_requests_total", "Calls refused, by gRPC status code.")
         rejected: dict[str, int] = st["rejected"]  # type: ignore[assignment]
-        for code in sorted(set(_CODES) - {"UNAVAILABLE"} | set(rejected)):
+        for code in sorted(set(REFUSAL_CODES) | set(rejected)):
             rej.add_sample("llamarpc_server:rejected_requests_total", {"code": code}, float(rejected.get(code, 0)))
         yield rej
 

@@ -56,6 +56,8 @@ _CODES = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
+# the codes a node refuses calls with (UNAVAILABLE is the client's own reading of a lost node)
+REFUSAL_CODES = tuple(sorted(set(_CODES) - {"UNAVAILABLE"}))
 
 
 def _abort(stats: NodeStats, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:

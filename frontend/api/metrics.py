@@ -24,6 +24,7 @@ from ..engine import Engine
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _GAP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 STEP_KINDS = ("decode", "prompt", "mixed", "replay")
 # (name, help, BackendStats field) of the per-node counters
 _NODE_COUNTERS = (
@@ -117,7 +118,7 @@ class Observer:
                                "prompt and generation times.", buckets=_LATENCY, registry=self.registry)
         self.step = Histogram("llamarpc:step_seconds", "One engine step's compute, by kind: decode (every row a "
                               "generated token), prompt (prompt rows only), mixed, replay (after a node loss).",
-                              ["kind"], buckets=_GAP, registry=self.registry)
+                              ["kind"], buckets=_STEP, registry=self.registry)
         for kind in STEP_KINDS:
             self.step.labels(kind)
         self._engine: Engine | None = None
