@@ -101,3 +101,23 @@ def test_the_grafana_dashboard_uses_only_names_we_export(server):
     assert len(names) >= 10
     exported = set(_samples(httpx.get(server + "/metrics").text))
     assert names <= exported, sorted(names - exported)
+
+
+def test_a_prompt_beside_a_decoding_stream_is_a_mixed_step(tmp_path):
+    path = tmp_path / "synth.gguf"
+    write_model(path, n_layer=2, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=7)
+    srv, url = start_server(["-m", str(path), "-c", "512", "-np", "2", "--metrics", "--ignore-eos", "-t", "1"])
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            with c.stream("POST", "/completion", json={"prompt": "Hello", "n_predict": 120, "temperature": 0,
+                                                       "stream": True}) as r:
+                lines = r.iter_lines()
+                next(x for x in lines if x.startswith("data: "))       # the first stream decodes now
+                assert c.post("/completion", json={"prompt": "Another prompt", "n_predict": 2}).status_code == 200
+                for _ in lines:
+                    pass
+            fams = families(c.get("/metrics").text)
+    finally:
+        srv.stop()
+    assert value(fams, "llamarpc:step_seconds_count", kind="mixed") >= 1
+    assert value(fams, "llamarpc:step_seconds_count", kind="replay") == 0
