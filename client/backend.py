@@ -18,6 +18,19 @@ class NodeInfo:
     ops: frozenset[int]
 
 
+@dataclasses.dataclass
+class BackendStats:
+    """What this frontend did with one node, counted where each call is made (for /metrics)."""
+
+    compute_calls: int = 0
+    compute_seconds: float = 0.0     # as the node measured it (a remote node reports it per Compute)
+    bytes_sent: int = 0              # tensor data and Compute requests
+    bytes_received: int = 0          # tensor data and Compute replies
+    cache_hits: int = 0              # weights the node had in its cache (SetTensorFromCache hits)
+    cache_misses: int = 0
+    reattaches: int = 0              # new sessions after the node was lost (the pipeline counts them)
+
+
 class Pending:
     """A Compute under way (or done): `result()` returns its outputs or raises its error."""
 
@@ -42,6 +55,14 @@ class Backend(abc.ABC):
     """
 
     name: str = "backend"
+
+    @property
+    def stats(self) -> BackendStats:
+        """This backend's counters, made on first use."""
+        st = self.__dict__.get("_stats")
+        if st is None:
+            st = self.__dict__["_stats"] = BackendStats()
+        return st
 
     @abc.abstractmethod
     def hello(self) -> NodeInfo: ...

@@ -1,6 +1,8 @@
 """LocalBackend: an in-process compute node, no network, the same validation as a remote one."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from llamarpc.proto import PROTOCOL_VERSION, pb
 from llamarpc.rpcserver.node import Node
@@ -67,7 +69,12 @@ class LocalBackend(Backend):
         return self.node.register_graph(self._session, graph)
 
     def compute(self, graph_id: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.node.compute(self._session, graph_id, inputs)
+        t0 = time.perf_counter()
+        out = self.node.compute(self._session, graph_id, inputs)
+        st = self.stats
+        st.compute_calls += 1
+        st.compute_seconds += time.perf_counter() - t0
+        return out
 
     def close(self) -> None:
         self.node.close_session(self._session)

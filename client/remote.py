@@ -83,7 +83,6 @@ class RemoteBackend(Backend):
         self._session = ""
         self._alive = False
         self.info: NodeInfo | None = None
-        self.bytes_sent = 0
         self._lock = threading.Lock()
         self.connect()
 
@@ -249,6 +248,7 @@ class RemoteBackend(Backend):
         if cache:
             r = self._call(self._stub.SetTensorFromCache, pb.SetTensorFromCacheRequest(
                 buffer_id=buffer_id, offset=offset, size=mv.nbytes, sha256=digest), retries=2)
+            self._cache_answer(r.hit)
             if r.hit:
                 return 0
         return self._stream(buffer_id, offset, mv, digest, cache)
@@ -267,8 +267,14 @@ class RemoteBackend(Backend):
             self._stub.SetTensor(chunks(), metadata=self._metadata(), timeout=timeout)
         except grpc.RpcError as e:
             raise self._error(e) from None
-        self.bytes_sent += mv.nbytes
+        self.stats.bytes_sent += mv.nbytes
         return mv.nbytes
+
+    def _cache_answer(self, hit: bool) -> None:
+        if hit:
+            self.stats.cache_hits += 1
+        else:
+            self.stats.cache_misses += 1
 
     def set_tensors(self, items: list[tuple[int, int, np.ndarray]], cache: bool = False,
                     progress: Callable[[int], None] | None = None,
@@ -292,6 +298,7 @@ class RemoteBackend(Backend):
                 hit = futures.pop(i).result().hit
             except grpc.RpcError as e:
                 raise self._error(e) from None
+            self._cache_answer(hit)
             if i + window < len(items):
                 futures[i + window] = ask(i + window)
             if not hit:
@@ -304,9 +311,11 @@ class RemoteBackend(Backend):
         try:
             stream = self._stub.GetTensor(pb.GetTensorRequest(buffer_id=buffer_id, offset=offset, size=size),
                                           metadata=self._metadata(), timeout=self.timeout + size / (20 << 20))
-            return b"".join(c.data for c in stream)
+            data = b"".join(c.data for c in stream)
         except grpc.RpcError as e:
             raise self._error(e) from None
+        self.stats.bytes_received += len(data)
+        return data
 
     def copy_tensor(self, src: int, src_offset: int, dst: int, dst_offset: int, size: int) -> None:
         self._call(self._stub.CopyTensor, pb.CopyTensorRequest(src_buffer_id=src, src_offset=src_offset,
@@ -319,6 +328,14 @@ class RemoteBackend(Backend):
         req = pb.ComputeRequest(graph_id=graph_id, inputs=[pb.NamedArray(name=k, array=array_to_pb(v))
                                                            for k, v in inputs.items()])
         r = self._call(self._stub.Compute, req, timeout=self.compute_timeout)
+        return self._computed(req, r)
+
+    def _computed(self, req: pb.ComputeRequest, r: pb.ComputeReply) -> dict[str, np.ndarray]:
+        st = self.stats
+        st.compute_calls += 1
+        st.compute_seconds += r.compute_seconds
+        st.bytes_sent += req.ByteSize()
+        st.bytes_received += r.ByteSize()
         return {o.name: array_from_pb(o.array, o.name) for o in r.outputs}
 
     def compute_async(self, graph_id: int, inputs: dict[str, np.ndarray]) -> Pending:
@@ -331,7 +348,7 @@ class RemoteBackend(Backend):
                 r = fut.result()
             except grpc.RpcError as e:
                 raise self._error(e) from None
-            return {o.name: array_from_pb(o.array, o.name) for o in r.outputs}
+            return self._computed(req, r)
 
         return Pending(wait=wait)
 

@@ -74,6 +74,9 @@ FLAGS: list[Flag] = [
          "--session-mem)", _MIB, None, env=_e("CLIENT_MEM"), metavar="MiB"),
     Flag(("--keepalive",), "ping every client connection every S seconds and drop one that does not answer "
          "within S, freeing its sessions", ranged(float, 1.0, 3600.0), 10.0, env=_e("KEEPALIVE"), metavar="S"),
+    Flag(("--metrics-port",), "serve the node's own /metrics (Prometheus) on this port of --host, with the token "
+         "and TLS of the gRPC port; off by default (0 = any free port)", ranged(int, 0, 65535), None,
+         env=_e("METRICS_PORT"), metavar="PORT"),
     Flag(("--port-file",), "write the bound port here once listening (for scripts/tests)", metavar="FNAME"),
     Flag(("-v", "--verbose"), "debug logging", None, False, env=_e("VERBOSE")),
 ]
@@ -194,7 +197,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, RuntimeError) as e:
         print(f"llamarpc-server: error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import MetricsServer
+
+        try:
+            metrics = MetricsServer(node, args.host, args.metrics_port, token=token, max_sessions=args.max_sessions,
+                                    tls_files=(args.tls_cert, args.tls_key) if tls else None)
+        except OSError as e:
+            print(f"llamarpc-server: error: --metrics-port: cannot listen on {args.host}:{args.metrics_port}: "
+                  f"{e.strerror or e}", file=sys.stderr)
+            return 1
     server.start()
+    if metrics is not None:
+        metrics.start()
+        log.info("metrics on %s://%s:%d/metrics%s", "https" if metrics.tls else "http", host, metrics.port,
+                 " (token required)" if token else "")
     log.info("llamarpc-server listening on %s:%d (device %s, %d threads, %s matmul, capacity %.1f MiB, cache %s, %s%s)",
              args.host, port, node.device.name, threads, args.matmul, capacity / 2**20, cache_dir or "off",
              "TLS" if tls else "plaintext", ", token auth" if token else "")
@@ -207,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    if metrics is not None:
+        metrics.stop()
     server.stop(grace=2).wait()
     return 0
 

@@ -22,7 +22,7 @@ MAX_BUFFERS_PER_SESSION = 4096
 
 
 class Buffer:
-    __slots__ = ("id", "size", "data", "generation", "digests")
+    __slots__ = ("id", "size", "data", "generation", "digests", "kind")
 
     def __init__(self, buffer_id: int, size: int, data: Any) -> None:
         self.id = buffer_id
@@ -30,6 +30,9 @@ class Buffer:
         self.data = data  # uint8 device array of `size` bytes
         self.generation = 0
         self.digests: dict[int, tuple[bytes, int]] = {}   # offset -> (sha256, size) of verified contents
+        # what it holds, for /metrics: "weights" (bytes verified by their hash, or a mapped file),
+        # "kv" (a registered graph's attention caches), else "other"
+        self.kind = "other"
 
     def touched(self, offset: int, size: int) -> None:
         """Bytes [offset, offset+size) changed: forget the content hashes they overlap."""
@@ -147,7 +150,9 @@ class Memory:
         if view.flags.writeable:
             view = view.view()
             view.flags.writeable = False
-        return self._add(session, Buffer(self._reserve(session, int(view.size)), int(view.size), view))
+        buf = Buffer(self._reserve(session, int(view.size)), int(view.size), view)
+        buf.kind = "weights"
+        return self._add(session, buf)
 
     def get(self, session: str, buffer_id: int) -> Buffer:
         entry = self._buffers.get(buffer_id)
@@ -163,6 +168,16 @@ class Memory:
             self._unreserve(session, buf.size)
         buf.generation += 1
         buf.data = None
+
+    def bytes_by_kind(self) -> dict[str, tuple[int, int]]:
+        """kind -> (buffers, bytes) over every session: a snapshot, no lock held by a Compute."""
+        out = {"weights": (0, 0), "kv": (0, 0), "other": (0, 0)}
+        with self._lock:
+            entries = list(self._buffers.values())
+        for _, buf in entries:
+            n, b = out.get(buf.kind, (0, 0))
+            out[buf.kind] = (n + 1, b + buf.size)
+        return out
 
     def session_buffers(self, session: str) -> list[int]:
         return [bid for bid, (s, _) in list(self._buffers.items()) if s == session]

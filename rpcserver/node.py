@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -24,6 +25,7 @@ from .fuse import fuse_plan
 from .graph import Plan, compile_graph
 from .hostmem import tune_malloc
 from .memory import ALIGNMENT, Memory
+from .stats import NodeStats
 from .tensor_cache import TensorCache
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Node:
         self._graph_ids = itertools.count(1)
         self._sessions: set[str] = set()
         self._lock = threading.RLock()   # one Compute at a time per node: the kernels use all threads
+        self.stats = NodeStats()
 
     # -- sessions ---------------------------------------------------------------------------------
     def hello(self, protocol_version: int, client_name: str = "") -> pb.HelloReply:
@@ -127,7 +130,9 @@ class Node:
         with self._lock:
             self.memory.write(session, buffer_id, offset, data)
             if sha256:
-                self.memory.get(session, buffer_id).digests[offset] = (sha256, len(memoryview(data).cast("B")))
+                buf = self.memory.get(session, buffer_id)
+                buf.digests[offset] = (sha256, len(memoryview(data).cast("B")))
+                buf.kind = "weights"
 
     def fill_from_cache(self, session: str, buffer_id: int, offset: int, size: int, sha256: bytes,
                         cache: TensorCache) -> bool:
@@ -148,6 +153,8 @@ class Node:
             buf.touched(offset, size)
             if ok:
                 buf.digests[offset] = (sha256, size)
+                buf.kind = "weights"
+            self.stats.cache(ok)
             return ok
 
     def note_digest(self, session: str, buffer_id: int, offset: int, size: int, sha256: bytes) -> None:
@@ -156,6 +163,7 @@ class Node:
             buf = self.memory.get(session, buffer_id)
             buf.check_range(offset, size, "digest")
             buf.digests[offset] = (sha256, size)
+            buf.kind = "weights"
 
     def get_tensor(self, session: str, buffer_id: int, offset: int, size: int) -> np.ndarray:
         self.check_session(session)
@@ -176,6 +184,10 @@ class Node:
             if len(graphs) >= MAX_GRAPHS_PER_SESSION:
                 raise InvalidArgument(f"a session may register at most {MAX_GRAPHS_PER_SESSION} graphs")
             plan = compile_graph(graph, self.memory, session)
+            for op in plan.ops:       # the attention caches' buffers hold the KV cache
+                if op.type == pb.ATTENTION:
+                    for a in op.args[3:5]:
+                        self.memory.get(session, plan.tensors[a - len(plan.inputs)].buffer_id).kind = "kv"
             if self.fuse:
                 fuse_plan(plan)
             gid = next(self._graph_ids)
@@ -194,4 +206,20 @@ class Node:
             plan = self._graphs.get(session, {}).get(graph_id)
             if plan is None:
                 raise NotFound(f"no graph {graph_id} in this session")
-            return execute(plan, self.memory, session, inputs, self.matmul_mode)
+            t0 = time.perf_counter()
+            out = execute(plan, self.memory, session, inputs, self.matmul_mode)
+            self.stats.computed(time.perf_counter() - t0)
+            return out
+
+    # -- what /metrics reads (rpcserver.metrics) --------------------------------------------------
+    @property
+    def n_sessions(self) -> int:
+        return len(self._sessions)
+
+    def scratch_bytes(self) -> int:
+        """Bytes held between Computes outside the buffers: the compiled programs' arenas."""
+        total = 0
+        for graphs in list(self._graphs.values()):
+            for plan in list(graphs.values()):
+                total += sum(getattr(p, "arena_bytes", 0) for p in list(plan.programs.values()) if p is not None)
+        return total

@@ -35,6 +35,7 @@ from llamarpc.proto.errors import BackendError, FailedPrecondition, InvalidArgum
 
 from .memory import Quota
 from .node import DEFAULT_MAX_MESSAGE, Node
+from .stats import NodeStats
 from .tensor_cache import TensorCache
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ _CODES = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "INTERNAL": grpc.StatusCode.INTERNAL,
 }
+# the codes a node refuses calls with (UNAVAILABLE is the client's own reading of a lost node)
+REFUSAL_CODES = tuple(sorted(set(_CODES) - {"UNAVAILABLE"}))
+
+
+def _abort(stats: NodeStats, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code` (raises), counted in the node's rejected calls by code."""
+    stats.reject(code.name)
+    context.abort(code, message)
 
 
 def _guard(fn: Callable) -> Callable:
@@ -63,11 +72,11 @@ def _guard(fn: Callable) -> Callable:
         try:
             return fn(self, request, context)
         except BackendError as e:
-            context.abort(_CODES[e.status.value], e.message)
+            _abort(self.stats, context, _CODES[e.status.value], e.message)
         except (ValueError, TypeError, OverflowError) as e:   # protobuf or numpy rejecting a field
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
+            _abort(self.stats, context, grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
         except MemoryError:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory")
+            _abort(self.stats, context, grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory")
     return wrapper
 
 
@@ -143,7 +152,7 @@ class BackendServicer(pb_grpc.BackendServicer):
                  limits: SessionLimits | None = None) -> None:
         self.node = node
         self.cache = cache
-        self.bytes_received = 0
+        self.stats = node.stats
         # each open session holds a server thread (its Hello stream): cap them so that threads are
         # always left for the other calls
         self.limits = limits or SessionLimits(max_sessions=max_sessions,
@@ -195,12 +204,12 @@ class BackendServicer(pb_grpc.BackendServicer):
         client, why = self._admit(address, local)
         if client is None:
             log.info("session refused to %s: %s", address, why)
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            _abort(self.stats, context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         try:
             try:
                 reply = self.node.hello(request.protocol_version, request.client_name)
             except BackendError as e:
-                context.abort(_CODES[e.status.value], e.message)
+                _abort(self.stats, context, _CODES[e.status.value], e.message)
             sid = reply.session_id
             try:
                 cap = self.limits.bytes_for("session_mem", self.node.memory.capacity, local)
@@ -282,7 +291,7 @@ class BackendServicer(pb_grpc.BackendServicer):
             raise InvalidArgument("set_tensor: no chunks")
         if written != header.size:
             raise InvalidArgument(f"set_tensor: announced {header.size} bytes, received {written}")
-        self.bytes_received += written
+        self.stats.moved(received=written)
         if header.sha256:
             if digest.digest() != header.sha256:
                 raise InvalidArgument("set_tensor: the data does not match its sha256")
@@ -310,13 +319,14 @@ class BackendServicer(pb_grpc.BackendServicer):
             buf = self.node.memory.get(session, request.buffer_id)
             buf.check_range(request.offset, request.size, "get_tensor")
         except BackendError as e:
-            context.abort(_CODES[e.status.value], e.message)
+            _abort(self.stats, context, _CODES[e.status.value], e.message)
         for off in range(0, request.size, CHUNK):
             n = min(CHUNK, request.size - off)
             try:
                 data = self.node.get_tensor(session, request.buffer_id, request.offset + off, n)
             except BackendError as e:
-                context.abort(_CODES[e.status.value], e.message)
+                _abort(self.stats, context, _CODES[e.status.value], e.message)
+            self.stats.moved(sent=n)
             yield pb.TensorChunk(data=data.tobytes())
 
     @_guard
@@ -346,18 +356,20 @@ class BackendServicer(pb_grpc.BackendServicer):
             inputs[item.name] = array_from_pb(item.array, f"input {item.name[:64]!r}")
         t0 = time.perf_counter()
         out = self.node.compute(session, request.graph_id, inputs)
-        return pb.ComputeReply(outputs=[pb.NamedArray(name=k, array=array_to_pb(v)) for k, v in out.items()],
-                               compute_seconds=time.perf_counter() - t0)
+        reply = pb.ComputeReply(outputs=[pb.NamedArray(name=k, array=array_to_pb(v)) for k, v in out.items()],
+                                compute_seconds=time.perf_counter() - t0)
+        self.stats.moved(received=request.ByteSize(), sent=reply.ByteSize())
+        return reply
 
 
 class _TokenAuth(grpc.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every call but the health service."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, stats: NodeStats) -> None:
         self._token = f"Bearer {token}".encode()
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+            _abort(stats, context, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
 
         self._deny = deny
 
@@ -383,6 +395,9 @@ class _DecodeGuard(grpc.ServerInterceptor):
     """Bytes that are no valid message of the method's request type get INVALID_ARGUMENT (gRPC's
     own deserializer answers INTERNAL): requests reach the handler undecoded and are parsed here."""
 
+    def __init__(self, stats: NodeStats) -> None:
+        self._stats = stats
+
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_deserializer is None:
@@ -393,7 +408,7 @@ class _DecodeGuard(grpc.ServerInterceptor):
             try:
                 return parse(raw)
             except DecodeError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid {details.method} request: {e}")
+                _abort(self._stats, context, grpc.StatusCode.INVALID_ARGUMENT, f"invalid {details.method} request: {e}")
 
         if handler.request_streaming:
             inner = handler.stream_stream or handler.stream_unary
@@ -441,7 +456,7 @@ def make_server(node: Node, address: str, *, cache: TensorCache | None = None, t
         max_workers = limits.max_sessions + 16
     if max_workers < limits.max_sessions + 4:
         raise ValueError(f"{max_workers} workers for {limits.max_sessions} sessions: calls would find no thread")
-    interceptors = [*([_TokenAuth(token)] if token else []), _DecodeGuard()]
+    interceptors = [*([_TokenAuth(token, node.stats)] if token else []), _DecodeGuard(node.stats)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
                          options=server_options(keepalive), maximum_concurrent_rpcs=max_workers * 4)
     servicer = BackendServicer(node, cache or TensorCache(None), limits=limits)

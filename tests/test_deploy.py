@@ -1,7 +1,9 @@
 """deploy/ cannot rot silently: every command in compose.yaml and the systemd unit parses with the
 program's own parser, the files they name are the ones make-certs.sh makes (read as the programs
 read them), the frontend dials nodes by the names in their certificates, and the Dockerfile copies
-every package pyproject.toml installs. Nothing is built and Docker is not needed."""
+every package pyproject.toml installs; Prometheus scrapes every process as compose runs it, and
+the dashboard's node panels query names a real node's /metrics serves. Nothing is built and
+Docker is not needed."""
 from __future__ import annotations
 
 import re
@@ -113,6 +115,7 @@ def test_compose_commands_parse_and_read_their_files(compose, secrets, tmp_path)
                                ("--tls-key", args.tls_key)):
                 assert read_file(flag, path).strip(), (name, flag)
             assert args.cache_dir.startswith(str(paths["/var/cache/llamarpc"]))
+            assert args.metrics_port, name
     assert seen == set(PROGRAMS)
 
 
@@ -163,9 +166,59 @@ def test_prometheus_scrapes_the_frontend_as_compose_runs_it(compose):
     front = compose["services"]["frontend"]["command"]
     assert "--metrics" in front
     port = front[front.index("--port") + 1]
-    (job,) = prom["scrape_configs"]
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert set(jobs) == {"llamarpc-frontend", "llamarpc-nodes"}
+    job = jobs["llamarpc-frontend"]
     assert job["static_configs"][0]["targets"] == [f"frontend:{port}"]
     # HTTPS (the frontend has --ssl-*) with the API key (it has --api-key-file), both as compose secrets
     assert job["scheme"] == "https" and "--ssl-cert-file" in front and "--api-key-file" in front
     for path in (job["tls_config"]["ca_file"], job["authorization"]["credentials_file"]):
         assert path.startswith("/run/secrets/") and path.rsplit("/", 1)[1] in svc["secrets"], path
+
+
+def test_prometheus_scrapes_every_node_as_compose_runs_it(compose):
+    """Each llamarpc-server service at its --metrics-port, over HTTPS (the nodes have --tls-cert; the
+    targets are the names in their certificates) with the token they read, from compose secrets."""
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "llamarpc-nodes"]
+    svc = compose["services"]["prometheus"]
+    want = []
+    for name, node in compose["services"].items():
+        if node.get("entrypoint", [""])[0] == "llamarpc-server":
+            cmd = node["command"]
+            assert "--tls-cert" in cmd and cmd[cmd.index("--auth-token-file") + 1] == "/run/secrets/token"
+            want.append(f"{name}:{cmd[cmd.index('--metrics-port') + 1]}")
+    assert len(want) == 2 and sorted(job["static_configs"][0]["targets"]) == sorted(want)
+    assert job["scheme"] == "https" and job["authorization"]["credentials_file"] == "/run/secrets/token"
+    for path in (job["tls_config"]["ca_file"], job["authorization"]["credentials_file"]):
+        assert path.startswith("/run/secrets/") and path.rsplit("/", 1)[1] in svc["secrets"], path
+
+
+def test_dashboard_node_panels_query_names_a_real_node_serves(tmp_path):
+    """Every name the dashboard queries is the frontend's (tests/test_metrics.py checks those against
+    a real frontend) or a node's: those are checked here against a node started with --metrics-port."""
+    import json
+
+    import httpx
+    from metricsdoc import families
+    from nodeproc import start_node
+
+    dash = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\b([a-z_]+:[a-z_]+|process_[a-z_]+)", e)}
+    unknown = {n for n in names if not n.startswith(("llamacpp:", "llamarpc:", "llamarpc_server:", "process_"))}
+    assert not unknown, unknown
+    node_names = {n for n in names if n.startswith("llamarpc_server:")}
+    node_names |= {n for e in exprs if 'job="llamarpc-nodes"' in e for n in re.findall(r"\bprocess_[a-z_]+", e)}
+    assert len(node_names) >= 10
+    node = start_node(tmp_path, "--metrics-port", "0", "--mem", "64")
+    try:
+        m = re.search(r"metrics on (http://\S+/metrics)", node.stderr_text())
+        assert m, node.stderr_text()
+        r = httpx.get(m.group(1), timeout=10, trust_env=False)
+        assert r.status_code == 200
+        exported = {s[0] for fam in families(r.text).values() for s in fam}
+    finally:
+        node.stop()
+    # a histogram's _bucket/_count, a counter's _total: the sample names are what a query names
+    assert node_names <= exported, sorted(node_names - exported)

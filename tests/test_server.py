@@ -492,6 +492,11 @@ def test_real_node_killed_mid_stream_then_back(synth, tmp_path):
             assert "llamarpc:node_reattached_total 1" in metrics
             # prometheus-client writes labels sorted by name
             assert f'llamarpc:node_up{{layers="1-1",node="{nodes[1].address}",state="attached"}} 1' in metrics
+            # per node: only the restarted one re-attached; the KV cache was rebuilt in replay steps
+            assert f'llamarpc:node_reattaches_total{{node="{nodes[1].address}"}} 1.0' in metrics
+            assert f'llamarpc:node_reattaches_total{{node="{nodes[0].address}"}} 0.0' in metrics
+            replay = re.search(r'^llamarpc:step_seconds_count\{kind="replay"\} (\S+)$', metrics, re.M)
+            assert replay and float(replay.group(1)) >= 1, metrics
             assert c.post("/completion", json=body).json()["content"] == ok
     finally:
         if srv is not None:

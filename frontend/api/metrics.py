@@ -3,8 +3,12 @@
 - the engine's counters and gauges under llama.cpp's `llamacpp:*` names and the node-recovery
   `llamarpc:*` ones, read from the engine at scrape time (a custom collector, so the names stay
   where llama.cpp's dashboards expect them);
+- per node, labelled by its address (`node`): Computes and the node's compute seconds, bytes sent
+  and received, weight-cache hits and misses, re-attaches (each backend's `BackendStats`, counted
+  where the calls are made), and `llamarpc:node_up` with its state;
 - histograms measured where a request's events arrive (`Submission`): time to first token,
-  inter-token latency, queue wait;
+  inter-token latency, queue wait; and one of each engine step's time by kind (the engine's
+  `on_step`: decode-only, prompt-only, mixed, replay after a node loss);
 - the process's RSS, CPU seconds, open files and start time (prometheus-client's ProcessCollector)."""
 from __future__ import annotations
 
@@ -20,6 +24,21 @@ from ..engine import Engine
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _GAP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_STEP = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STEP_KINDS = ("decode", "prompt", "mixed", "replay")
+# (name, help, BackendStats field) of the per-node counters
+_NODE_COUNTERS = (
+    ("llamarpc:node_compute_calls_total", "Computes run on the node.", "compute_calls"),
+    ("llamarpc:node_compute_seconds_total", "Seconds the node spent computing, as it reports them.",
+     "compute_seconds"),
+    ("llamarpc:node_sent_bytes_total", "Bytes sent to the node: tensor data and Compute requests.", "bytes_sent"),
+    ("llamarpc:node_received_bytes_total", "Bytes received from the node: tensor data and Compute replies.",
+     "bytes_received"),
+    ("llamarpc:node_weight_cache_hits_total", "Weights the node had in its cache (not sent).", "cache_hits"),
+    ("llamarpc:node_weight_cache_misses_total", "Weights the node did not have in its cache (sent).",
+     "cache_misses"),
+    ("llamarpc:node_reattaches_total", "New sessions opened after the node was lost.", "reattaches"),
+)
 
 
 def _rows(engine: Engine) -> list[tuple[str, str, str, float]]:
@@ -74,6 +93,12 @@ class EngineCollector(Collector):
             up.add_sample("llamarpc:node_up", {"node": str(n["name"]), "state": str(n["state"]),
                                                "layers": str(n["layers"])}, float(n["state"] == "attached"))
         yield up
+        backends = self.engine.model.pipeline.backends()
+        for name, help_, field in _NODE_COUNTERS:
+            fam = Metric(name[:-6], help_, "counter")
+            for b in backends:
+                fam.add_sample(name, {"node": str(b.name)}, float(getattr(b.stats, field)))
+            yield fam
 
 
 class Observer:
@@ -91,12 +116,18 @@ class Observer:
         self.queue = Histogram("llamarpc:queue_wait_seconds",
                                "A request's time before its prompt was computed: wall time less the engine's "
                                "prompt and generation times.", buckets=_LATENCY, registry=self.registry)
+        self.step = Histogram("llamarpc:step_seconds", "One engine step's compute, by kind: decode (every row a "
+                              "generated token), prompt (prompt rows only), mixed, replay (after a node loss).",
+                              ["kind"], buckets=_STEP, registry=self.registry)
+        for kind in STEP_KINDS:
+            self.step.labels(kind)
         self._engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
         if self._engine is None:
             self._engine = engine
             self.registry.register(EngineCollector(engine))
+            engine.on_step = lambda kind, seconds: self.step.labels(kind).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

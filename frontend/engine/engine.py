@@ -108,6 +108,8 @@ class Engine:
         self._dry_cache: dict[tuple[str, ...], dict[int, list[tuple[int, ...]]]] = {}
         self._lock = threading.Lock()   # guards _dry_cache for callers on other threads
         self.embedder: object | None = None     # an embed.Embedder with --embeddings
+        # called after each step with its kind (decode, prompt, mixed, replay) and seconds (/metrics)
+        self.on_step: Callable[[str, float], None] | None = None
         self._calls: queue.Queue[tuple[Callable[[Engine], object], concurrent.futures.Future]] = queue.Queue()
 
     # -- API for handlers (any thread) ------------------------------------------------------------
@@ -373,6 +375,9 @@ class Engine:
         dt = time.perf_counter() - t0
         if replay is None:
             self.budget.observe(len(dec), n_prompt, dt)
+        if self.on_step is not None:
+            self.on_step("replay" if replay is not None else "mixed" if dec and n_prompt else
+                         "decode" if dec else "prompt", dt)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step: %d decode + %d prompt tokens in %.1f ms (kv view %d cells)", len(dec), n_prompt,
                       1e3 * dt, self.kv.used_len())

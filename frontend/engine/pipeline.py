@@ -183,6 +183,7 @@ class Pipeline:
                 if id(s.backend) not in reconnected:
                     s.backend.reconnect()
                     reconnected.add(id(s.backend))
+                    s.backend.stats.reattaches += 1
                 sent = s.bytes_sent
                 self._setup(s)
             except BackendError as e:
@@ -267,6 +268,10 @@ class Pipeline:
                 n["state"] = "lost"
         rows = [{**n, "layers": ",".join(n["layers"])} for n in out.values()]  # type: ignore[arg-type]
         return rows + [{"name": name, "state": "removed", "layers": ""} for name in self._removed]
+
+    def backends(self) -> list[Backend]:
+        """The nodes the stages are on, each once, in pipeline order (for /metrics)."""
+        return list({id(s.backend): s.backend for s in list(self.stages)}.values())
 
     def placement_table(self) -> str:
         rows = []
