@@ -1,14 +1,11 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
 from __future__ import annotations
 
-import dataclasses
-
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chat import parse_messages, render_prompt, template_extra
-from .checks import encode_chat_off_loop
+from .chatreq import prepare_chat
 from .errors import bad_request
 from .formats import (
     chat_completion,
@@ -20,11 +17,10 @@ from .formats import (
     oai_completion,
     oai_completion_chunk,
 )
-from .params import Body, check_context, parse_json, task_params
+from .params import Body, parse_json
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .stream import Submission
-from .structured import lark_grammar, response_format_grammar, schema_grammar
-from .tools import finish, generic_schema, hermes_lark, parse_tools, prepare_messages, shape_reply, stream_deltas, template_tools
+from .tools import finish, shape_reply, stream_deltas
 
 router = APIRouter()
 
@@ -57,31 +53,10 @@ async def completions(request: Request) -> Response:
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     st = _ready(request)
-    assert st.model is not None and st.engine is not None
     body = parse_json(await request.body())
     b = Body(body)
-    spec = parse_tools(body, st.chat_template)
-    messages = prepare_messages(parse_messages(body.get("messages")), spec, st.chat_template)
-    params = task_params(b, st, oai_chat=True)
-    grammar = response_format_grammar(body.get("response_format"), st)
-    if spec is not None:
-        if grammar is not None:
-            raise bad_request("'response_format' cannot be combined with 'tools'")
-        if not spec.native:
-            grammar = schema_grammar("tools", generic_schema(spec), st)
-        elif spec.forced:
-            grammar = lark_grammar("tools", hermes_lark(spec), st)
-    if grammar is not None:
-        if params.sampling.grammar is not None:
-            raise bad_request("'response_format'/'tools' and 'grammar'/'json_schema' cannot be used together")
-        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=grammar))
-    extra = template_extra(body)
-    extra.pop("tools", None)
-    extra.update(template_tools(spec))
-    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, extra), st.engine.n_ctx_slot)
-    if not prompt:
-        raise bad_request("the chat template rendered an empty prompt")
-    check_context([prompt], params, st.engine.n_ctx_slot)
+    req = await prepare_chat(st, body)
+    spec, params, prompt = req.spec, req.params, req.prompt
     model = b.str("model") or st.settings.model_name
     include_usage = False
     opts = body.get("stream_options")
