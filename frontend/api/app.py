@@ -17,6 +17,7 @@ from .guard import BodyGuard
 from .routes_embed import router as embed_router
 from .routes_infill import router as infill_router
 from .routes_llmapi import router as llmapi_router
+from .routes_messages import router as messages_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
 from .routes_responses import router as responses_router
@@ -90,6 +91,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(native_router)
     app.include_router(oai_router)
     app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(llmapi_router)
     app.include_router(embed_router)
     app.include_router(infill_router)
