@@ -8,8 +8,13 @@ import json
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from llamarpc.frontend.api import routes_messages, routes_responses
+from llamarpc.frontend.api.chat import parse_messages
 from llamarpc.frontend.api.errors import APIError
+from llamarpc.frontend.api.tools import parse_tools, prepare_messages
+from llamarpc.frontend.model.chat_template import CHATML_TEMPLATE
 from serverproc import start_server
 from synth import write_model
 
@@ -296,3 +301,29 @@ def test_auth_by_x_api_key_or_bearer(server):
                           headers=headers).status_code == 200
     r = httpx.post(server + "/v1/responses", json={"input": "x"})
     assert r.status_code == 401 and "type" not in r.json()      # OpenAI's shape off the Anthropic routes
+
+
+# -- random bodies through the conversions: a dict or a 400, never another exception ----------------
+_leaf = st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=6) | st.sampled_from(
+    ["text", "input_text", "output_text", "tool_use", "tool_result", "function_call", "function_call_output",
+     "message", "user", "assistant", "system", "function", "auto", "any", "tool", "json_schema", "c1"])
+_json = st.recursive(_leaf, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from(
+    ["type", "role", "content", "text", "id", "name", "input", "tool_use_id", "call_id", "arguments", "output",
+     "format", "schema", "input_schema", "parameters"]), kids, max_size=4), max_leaves=16)
+_body = st.dictionaries(st.sampled_from(["input", "instructions", "messages", "system", "max_tokens",
+                                         "max_output_tokens", "tools", "tool_choice", "text", "stop_sequences",
+                                         "output_config", "previous_response_id"]), _json, max_size=5)
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(_body, st.booleans())
+def test_random_bodies_convert_or_400(body, count):
+    """Through the conversion and on through the chat layer's message and tool checks."""
+    for convert in (routes_responses.to_chat_body, lambda b: routes_messages.to_chat_body(b, count)):
+        try:
+            out = convert(body)
+            assert any(m["role"] != "system" for m in out["messages"])
+            spec = parse_tools(out, CHATML_TEMPLATE)
+            prepare_messages(parse_messages(out["messages"]), spec, CHATML_TEMPLATE)
+        except APIError as e:
+            assert e.code == 400 and e.message

@@ -153,6 +153,8 @@ def to_chat_body(body: dict[str, Any], count_tokens: bool = False) -> dict[str, 
     names: dict[str, str] = {}
     for i, m in enumerate(raw):
         messages += _message(i, m, names)
+    if all(m["role"] == "system" for m in messages):
+        raise bad_request("'messages' holds no text, tool_use or tool_result content")
     chat: dict[str, Any] = {k: body[k] for k in _PASS if k in body}
     chat["messages"] = messages
     if not count_tokens:

@@ -141,6 +141,8 @@ def to_chat_body(body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request(f"'{key}' is not supported: this server stores no responses")
     b = Body(body)
     messages = _input_messages(body.get("input"))
+    if not messages:
+        raise bad_request("'input' holds no message, function_call or function_call_output item")
     instructions = b.str("instructions")
     if instructions:
         messages.insert(0, {"role": "system", "content": instructions})
