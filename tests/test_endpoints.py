@@ -222,7 +222,8 @@ def test_messages_reply_is_the_chat_output(http):
     assert m["stop_reason"] == "max_tokens" and m["stop_sequence"] is None
     assert m["usage"]["output_tokens"] == 6
     n = http.post("/v1/messages/count_tokens", json={"messages": [{"role": "user", "content": ASK}]})
-    assert n.status_code == 200 and n.json() == {"input_tokens": m["usage"]["input_tokens"]}
+    u = m["usage"]
+    assert n.status_code == 200 and n.json() == {"input_tokens": u["input_tokens"] + u["cache_read_input_tokens"]}
 
 
 def test_messages_stop_sequence(http):
@@ -238,6 +239,7 @@ def test_messages_stop_sequence(http):
 def test_messages_stream_events(http):
     req = {"max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": [{"type": "text", "text": ASK}]}],
            **GREEDY}
+    expected = chat_text(http, 8)           # (and the prompt is in a slot's cache)
     with http.stream("POST", "/v1/messages", json=req) as r:
         assert r.status_code == 200
         events = named_events(r)
@@ -246,11 +248,14 @@ def test_messages_stream_events(http):
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(kinds[3:-3]) == {"content_block_delta"}
     text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
-    assert text == chat_text(http, 8)
+    assert text == expected
     assert events[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
     assert events[-2]["usage"]["output_tokens"] == 8
     start = events[0]["message"]
     assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["input_tokens"] > 0
+    u = events[-2]["usage"]     # the same prompt again: read from the cache, counted apart
+    assert u["cache_read_input_tokens"] > 0 and u["input_tokens"] + u["cache_read_input_tokens"] == \
+        start["usage"]["input_tokens"]
 
 
 def test_messages_forced_tool_use(http):

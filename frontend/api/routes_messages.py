@@ -203,12 +203,16 @@ def content_blocks(f: FinalEvent, req: ChatRequest) -> tuple[list[dict], list[di
     return blocks + [_tool_use(c) for c in calls], calls
 
 
+def _usage(n_prompt: int, n_cached: int, n_out: int) -> dict:
+    """As llama-server counts them: `input_tokens` the prompt tokens not read from the cache."""
+    return {"input_tokens": n_prompt - n_cached, "cache_read_input_tokens": n_cached,
+            "cache_creation_input_tokens": 0, "output_tokens": n_out}
+
+
 def _message_json(mid: str, model: str, content: list[dict], stop_reason: str | None, stop_sequence: str | None,
-                  n_in: int, n_out: int, n_cached: int = 0) -> dict:
+                  usage: dict) -> dict:
     return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason, "stop_sequence": stop_sequence,
-            "usage": {"input_tokens": n_in, "output_tokens": n_out, "cache_read_input_tokens": n_cached,
-                      "cache_creation_input_tokens": 0}}
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
 
 
 def _block_events(index: int, block: dict) -> list[dict]:
@@ -237,10 +241,11 @@ async def messages(request: Request) -> Response:
     if not req.params.stream:
         f = (await _collect(sub))[0]
         blocks, calls = content_blocks(f, req)
-        return JSONResponse(_message_json(mid, model, blocks, *_stop(f, calls, stop), f.n_prompt, f.n_decoded,
-                                          f.timings.cache_n))
+        return JSONResponse(_message_json(mid, model, blocks, *_stop(f, calls, stop),
+                                          _usage(f.n_prompt, f.timings.cache_n, f.n_decoded)))
 
-    head = [{"type": "message_start", "message": _message_json(mid, model, [], None, None, len(req.prompt), 0)}]
+    head = [{"type": "message_start", "message": _message_json(mid, model, [], None, None,
+                                                                         _usage(len(req.prompt), 0, 0))}]
     if req.spec is None:
         head.append({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
     head.append({"type": "ping"})
@@ -257,7 +262,7 @@ async def messages(request: Request) -> Response:
             out = [e for i, blk in enumerate(blocks) for e in _block_events(i, blk)]
         reason, seq = _stop(ev, calls, stop)
         return [*out, {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
-                       "usage": {"input_tokens": ev.n_prompt, "output_tokens": ev.n_decoded}},
+                       "usage": _usage(ev.n_prompt, ev.timings.cache_n, ev.n_decoded)},
                 {"type": "message_stop"}]
 
     return await stream_events(sub, fmt, head, encode=sse_event)

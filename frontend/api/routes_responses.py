@@ -205,7 +205,7 @@ def response_base(body: dict[str, Any], rid: str, model: str) -> dict:
 
 
 def finished(base: dict, f: FinalEvent, items: list[dict]) -> dict:
-    out = {**base, "output": items, "usage": _usage(f)}
+    out = {**base, "output": items, "usage": _usage(f), "completed_at": int(time.time())}
     out["output_text"] = "".join(p["text"] for it in items if it["type"] == "message" for p in it["content"])
     if cut_by_length(f):
         out["status"] = "incomplete"
