@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from llamarpc.frontend.api import routes_messages, routes_responses
 from llamarpc.frontend.api.chat import parse_messages
-from llamarpc.frontend.api.errors import APIError
+from llamarpc.frontend.api.errors import APIError, error_body
+from llamarpc.frontend.api.stream import sse_event
 from llamarpc.frontend.api.tools import parse_tools, prepare_messages
 from llamarpc.frontend.model.chat_template import CHATML_TEMPLATE
 from serverproc import start_server
@@ -332,3 +333,11 @@ def test_random_bodies_convert_or_400(body, count):
             prepare_messages(parse_messages(out["messages"]), spec, CHATML_TEMPLATE)
         except APIError as e:
             assert e.code == 400 and e.message
+
+
+def test_named_sse_events():
+    assert sse_event({"type": "ping"}) == 'event: ping\ndata: {"type": "ping"}\n\n'
+    err = sse_event(error_body(503, "gone", "unavailable_error"))     # a mid-stream error, as both SDKs read it
+    assert err.startswith("event: error\ndata: ")
+    assert json.loads(err.split("data: ", 1)[1]) == {"type": "error", "error": {"code": 503, "message": "gone",
+                                                                                 "type": "unavailable_error"}}

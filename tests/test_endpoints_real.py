@@ -59,11 +59,16 @@ def test_responses_cut_by_length(oai):
 
 
 def test_responses_structured_output(oai):
-    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
-              "additionalProperties": False}
-    r = oai.responses.create(model="smollm", input=ASK + " Reply in JSON.", max_output_tokens=48, **GREEDY,
-                             text={"format": {"type": "json_schema", "name": "capital", "schema": schema}})
-    assert set(json.loads(r.output_text)) == {"capital"}
+    pydantic = pytest.importorskip("pydantic")
+
+    class Capital(pydantic.BaseModel):
+        capital: str
+
+    # the SDK sends the model's JSON schema as text.format (strict) and parses output_text back into it
+    r = oai.responses.parse(model="smollm", input=ASK + " Reply in JSON.", max_output_tokens=48, text_format=Capital,
+                            **GREEDY)
+    assert isinstance(r.output_parsed, Capital) and r.output_parsed.capital
+    assert json.loads(r.output_text) == r.output_parsed.model_dump()
 
 
 def test_responses_function_call(oai):
