@@ -292,6 +292,8 @@ def test_messages_errors_in_anthropic_shape(http, server):
     assert body["error"]["message"] == "'max_tokens' is required" and body["error"]["code"] == 400
     r = http.post("/v1/messages", content=b"{not json")
     assert r.status_code == 400 and r.json()["type"] == "error"
+    r = http.post("/v1/messages", content=b'{"messages": ' + b"[" * 70 + b"]" * 70 + b"}")    # the body guard's
+    assert r.status_code == 400 and r.json()["type"] == "error" and "nested" in r.json()["error"]["message"]
     r = httpx.post(server + "/v1/messages/count_tokens", json={"messages": [{"role": "user", "content": "x"}]},
                    headers={"x-api-key": "wrong"})
     assert r.status_code == 401 and r.json()["type"] == "error"

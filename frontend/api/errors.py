@@ -49,4 +49,5 @@ def error_body_for(path: str, code: int, message: str, type_: str | None = None)
     """llama.cpp's shape; on the Anthropic routes with Anthropic's `"type": "error"` beside it, so
     that both kinds of client read it: ``{"type": "error", "error": {"code", "message", "type"}}``."""
     body = error_body(code, message, type_)
-    return {"type": "error", **body} if path.startswith(ANTHROPIC_PREFIX) else body
+    anthropic = path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+    return {"type": "error", **body} if anthropic else body
