@@ -171,10 +171,10 @@ def _message(mid: str, text: str | None, status: str = "completed") -> dict:
             "content": [] if text is None else [_part(text)]}
 
 
-def _call_item(call: dict, status: str = "completed") -> dict:
+def _call_item(call: dict) -> dict:
     fn = call["function"]
-    return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": status,
-            "call_id": call["id"], "name": fn["name"], "arguments": fn["arguments"] if status == "completed" else ""}
+    return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call", "status": "completed",
+            "call_id": call["id"], "name": fn["name"], "arguments": fn["arguments"]}
 
 
 def output_items(f: FinalEvent, spec: Any, mid: str) -> list[dict]:
