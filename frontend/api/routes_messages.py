@@ -5,7 +5,8 @@ server_chat_convert_anthropic_to_oai does) and runs through `chatreq` like /v1/c
 `system`, text / tool_use / tool_result blocks, `stop_sequences`, `temperature`, `top_p`,
 `top_k`, `tools` + `tool_choice` (auto, any, a named tool, none) as tool calls, and
 `output_config.format` (a JSON schema) as structured output. Unlike llama-server, `max_tokens` is required (as
-Anthropic requires it) and `{"type": "tool"}` forces that one tool, not any. Errors on these
+Anthropic requires it), `{"type": "tool"}` forces that one tool, not any, and a matched stop
+sequence is `stop_reason: "stop_sequence"` (llama-server says `end_turn`). Errors on these
 routes carry Anthropic's `"type": "error"` beside llama.cpp's `error` object (app.py)."""
 from __future__ import annotations
 
