@@ -222,14 +222,16 @@ def test_invalid_protobuf_is_invalid_argument():
 
 # -- random JSON at every endpoint ------------------------------------------------------------------
 ENDPOINTS = ["/completion", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
-             "/apply-template", "/chat", "/predict"]
+             "/apply-template", "/chat", "/predict", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"]
 LLMAPI = ("/chat", "/predict")
 _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
                      | st.text(max_size=20), lambda kids: st.lists(kids, max_size=4)
                      | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
 _keys = st.sampled_from(["prompt", "messages", "n_predict", "max_tokens", "content", "tokens", "role", "seed",
                          "n_probs", "logit_bias", "stop", "samplers", "temperature", "stream", "response_fields",
-                         "id_slot", "top_k", "grammar", "json_schema", "tools", "logprobs", "top_logprobs"])
+                         "id_slot", "top_k", "grammar", "json_schema", "tools", "logprobs", "top_logprobs",
+                         "input", "instructions", "max_output_tokens", "text", "system", "stop_sequences",
+                         "tool_choice"])
 _bodies = _json | st.dictionaries(_keys, _json, max_size=5) | st.fixed_dictionaries(
     {"messages": st.lists(st.fixed_dictionaries({"role": _json, "content": _json}), max_size=2)})
 
@@ -253,8 +255,9 @@ def test_random_json_never_5xx(http, server, path):
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(_bodies)
     def check(body):
-        if isinstance(body, dict) and isinstance(body.get("n_predict"), int):
-            body["n_predict"] = min(body["n_predict"], 4)
+        for key in ("n_predict", "max_tokens", "max_output_tokens"):     # the last two: Responses, Messages
+            if isinstance(body, dict) and isinstance(body.get(key), int):
+                body[key] = min(body[key], 4)
         if isinstance(body, dict):
             body.pop("stream", None)
             body.setdefault("n_predict", 2)

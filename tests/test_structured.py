@@ -99,17 +99,20 @@ def test_constrained_and_free_requests_share_a_batch(server, monkeypatch):
     def run(name: str, extra: dict) -> None:
         go.wait()
         r = httpx.post(url + "/completion", timeout=60, json={
-            "prompt": f"{name}:", "n_predict": 40, "ignore_eos": True, "temperature": 0, "cache_prompt": False, **extra})
+            "prompt": f"{name}:", "n_predict": 40, "ignore_eos": True, "temperature": 0, "cache_prompt": False,
+            **extra})
         out[name] = r.json()["content"]
 
-    ts = [threading.Thread(target=run, args=("free", {})),
+    # the free request runs 3x longer, so the constrained one's 40 steps fall inside it even when
+    # its start is late (grammar compile on a loaded machine): the overlap is not left to timing
+    ts = [threading.Thread(target=run, args=("free", {"n_predict": 120})),
           threading.Thread(target=run, args=("lower", {"grammar": "root ::= [a-z]+"}))]
     for t in ts:
         t.start()
     for t in ts:
         t.join(60)
     assert re.fullmatch("[a-z]{40,}", out["lower"]) and not re.fullmatch("[a-z]*", out["free"])
-    assert sum(len(s) == 2 for s in seqs) >= 20       # most decode steps carried both requests
+    assert sum(len(s) == 2 for s in seqs) >= 35       # the constrained request's decode steps carried both
 
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {

@@ -13,14 +13,16 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ... import __version__
-from .errors import APIError, error_body, error_response
+from .errors import APIError, error_body_for, error_response
 from .guard import BodyGuard
 from .routes_embed import router as embed_router
 from .routes_infill import router as infill_router
 from .routes_llmapi import router as llmapi_router
 from .routes_lora import router as lora_router
+from .routes_messages import router as messages_router
 from .routes_native import router as native_router
 from .routes_oai import router as oai_router
+from .routes_responses import router as responses_router
 from .schemas import validation_message
 from .state import ServerState
 from .webui import router as webui_router
@@ -51,11 +53,12 @@ class Gate:
             given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode(
                 "latin-1")
             if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-                await _send_json(send, 401, error_body(401, "Invalid API Key", "authentication_error"))
+                await _send_json(send, 401, error_body_for(scope["path"], 401, "Invalid API Key",
+                                                          "authentication_error"))
                 return
         if not self.state.ready:
-            await _send_json(send, 503, error_body(503, self.state.load_error or "Loading model",
-                                                   "unavailable_error"))
+            await _send_json(send, 503, error_body_for(scope["path"], 503, self.state.load_error or "Loading model",
+                                                       "unavailable_error"))
             return
         await self.app(scope, receive, send)
 
@@ -74,24 +77,26 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
-        return error_response(exc.code, exc.message, exc.type)
+        return error_response(exc.code, exc.message, exc.type, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = "File Not Found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message)
+        return error_response(exc.status_code, message, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, validation_message(list(exc.errors())))
+        return error_response(400, validation_message(list(exc.errors())), path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
-        return error_response(500, f"{type(exc).__name__}: {exc}", "server_error")
+        return error_response(500, f"{type(exc).__name__}: {exc}", "server_error", request.url.path)
 
     app.include_router(native_router)
     app.include_router(oai_router)
+    app.include_router(responses_router)
+    app.include_router(messages_router)
     app.include_router(llmapi_router)
     app.include_router(embed_router)
     app.include_router(infill_router)

@@ -38,5 +38,16 @@ def error_body(code: int, message: str, type_: str | None = None) -> dict:
     return {"error": {"code": code, "message": message, "type": type_ or ERROR_TYPES.get(code, "server_error")}}
 
 
-def error_response(code: int, message: str, type_: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message, type_), status_code=code)
+def error_response(code: int, message: str, type_: str | None = None, path: str = "") -> JSONResponse:
+    return JSONResponse(error_body_for(path, code, message, type_), status_code=code)
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def error_body_for(path: str, code: int, message: str, type_: str | None = None) -> dict:
+    """llama.cpp's shape; on the Anthropic routes with Anthropic's `"type": "error"` beside it, so
+    that both kinds of client read it: ``{"type": "error", "error": {"code", "message", "type"}}``."""
+    body = error_body(code, message, type_)
+    anthropic = path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+    return {"type": "error", **body} if anthropic else body

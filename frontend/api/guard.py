@@ -13,7 +13,7 @@ import re
 import numpy as np
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import error_body
+from .errors import error_body_for
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 # an escape \uD800-\uDBFF not followed by \uDC00-\uDFFF, or a \uDC00-\uDFFF not preceded by a high one
@@ -60,7 +60,7 @@ class BodyGuard:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _refuse(send, 413, self._too_large())
+            await _refuse(send, scope["path"], 413, self._too_large())
             return
         chunks: list[bytes] = []
         size = 0
@@ -72,7 +72,7 @@ class BodyGuard:
             body = msg.get("body", b"")
             size += len(body)
             if size > self.max_body:
-                await _refuse(send, 413, self._too_large())
+                await _refuse(send, scope["path"], 413, self._too_large())
                 return
             chunks.append(body)
             if not msg.get("more_body", False):
@@ -80,7 +80,7 @@ class BodyGuard:
         raw = b"".join(chunks)
         problem = body_problem(raw, self.max_depth)
         if problem is not None:
-            await _refuse(send, 400, problem)
+            await _refuse(send, scope["path"], 400, problem)
             return
         await self.app(scope, _replay([raw], None, receive), send)
 
@@ -100,8 +100,8 @@ def _replay(bodies: list[bytes], pending: Message | None, receive: Receive) -> R
     return replay
 
 
-async def _refuse(send: Send, status: int, message: str) -> None:
-    data = json.dumps(error_body(status, message)).encode()
+async def _refuse(send: Send, path: str, status: int, message: str) -> None:
+    data = json.dumps(error_body_for(path, status, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             (b"connection", b"close")]})

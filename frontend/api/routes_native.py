@@ -159,32 +159,34 @@ async def completion(request: Request, r: CompletionRequest) -> Response:
 
 
 async def stream_events(sub: Submission, fmt: Callable[[PartialEvent | FinalEvent], list[dict]],
-                        head: Sequence[dict] = (), done: bool = False, stop_on_error: bool = True) -> Response:
-    """SSE: `head`, then each event's chunks (and `data: [DONE]` when `done`). An error before the
-    first event is an HTTP error; a later one is an error event."""
+                        head: Sequence[dict] = (), done: bool = False, stop_on_error: bool = True,
+                        encode: Callable[[dict], str] = sse) -> Response:
+    """SSE: `head`, then each event's chunks (and `data: [DONE]` when `done`), each written by
+    `encode`. An error before the first event is an HTTP error; a later one is an error event."""
     first = await _first(sub)
     if isinstance(first, ErrorEvent):
-        return error_response(first.code, first.message, first.type)
+        sub.close()
+        raise APIError(first.code, first.message, first.type)
     sub.stop_watching()
 
     async def gen() -> AsyncIterator[str]:
         ev = first
         try:
             for h in head:
-                yield sse(h)
+                yield encode(h)
             while ev is not None:
                 if isinstance(ev, ErrorEvent):
-                    yield sse({"error": {"code": ev.code, "message": ev.message, "type": ev.type}})
+                    yield encode(error_body(ev.code, ev.message, ev.type))
                     if stop_on_error:
                         return
                 else:
                     for chunk in fmt(ev):
-                        yield sse(chunk)
+                        yield encode(chunk)
                 ev = await sub.next()
             if done:
                 yield SSE_DONE
         except APIError as e:
-            yield sse(e.body())
+            yield encode(e.body())
         except ClientGone:
             return
         finally:

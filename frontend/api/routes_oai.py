@@ -1,15 +1,11 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
 from __future__ import annotations
 
-import dataclasses
-
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chat import parse_messages, render_prompt, template_extra
-from .checks import encode_chat_off_loop
-from .errors import bad_request
+from .chatreq import prepare_chat
 from .formats import (
     chat_completion,
     chat_delta,
@@ -20,12 +16,10 @@ from .formats import (
     oai_completion,
     oai_completion_chunk,
 )
-from .params import check_context, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .schemas import ChatRequest, CompletionRequest
 from .stream import Submission
-from .structured import lark_grammar, response_format_grammar, schema_grammar
-from .tools import finish, generic_schema, hermes_lark, parse_tools, prepare_messages, shape_reply, stream_deltas, template_tools
+from .tools import finish, shape_reply, stream_deltas
 
 router = APIRouter()
 
@@ -58,30 +52,8 @@ async def completions(request: Request, r: CompletionRequest) -> Response:
 @router.post("/chat/completions")
 async def chat_completions(request: Request, r: ChatRequest) -> Response:
     st = _ready(request)
-    assert st.model is not None and st.engine is not None
-    body = r.fields()
-    spec = parse_tools(body, st.chat_template)
-    messages = prepare_messages(parse_messages(body.get("messages")), spec, st.chat_template)
-    params = task_params(r, st, oai_chat=True)
-    grammar = response_format_grammar(body.get("response_format"), st)
-    if spec is not None:
-        if grammar is not None:
-            raise bad_request("'response_format' cannot be combined with 'tools'")
-        if not spec.native:
-            grammar = schema_grammar("tools", generic_schema(spec), st)
-        elif spec.forced:
-            grammar = lark_grammar("tools", hermes_lark(spec), st)
-    if grammar is not None:
-        if params.sampling.grammar is not None:
-            raise bad_request("'response_format'/'tools' and 'grammar'/'json_schema' cannot be used together")
-        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, grammar=grammar))
-    extra = template_extra(body)
-    extra.pop("tools", None)
-    extra.update(template_tools(spec))
-    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, extra), st.engine.n_ctx_slot)
-    if not prompt:
-        raise bad_request("the chat template rendered an empty prompt")
-    check_context([prompt], params, st.engine.n_ctx_slot)
+    req = await prepare_chat(st, r)
+    spec, params, prompt = req.spec, req.params, req.prompt
     model = r.model or st.settings.model_name
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
     cid = completion_id()

@@ -12,9 +12,11 @@ vocabulary) stay in `params.py`.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+from .errors import bad_request
 
 MAX_N_PROBS = 100       # alternatives reported per token, at most (the whole vocabulary was 234 MB for 50 tokens)
 
@@ -48,6 +50,9 @@ class Lenient(BaseModel):
     def fields(self) -> dict[str, Any]:
         """The fields the client sent (extras included, JSON names), after validation: the body as a dict."""
         return self.model_dump(exclude_unset=True, by_alias=True)
+
+
+M = TypeVar("M", bound=Lenient)
 
 
 def _seed(v: Any) -> Any:
@@ -269,6 +274,50 @@ class RerankRequest(Lenient):
     top_n: Int | None = Field(None, ge=0)
     return_text_documents: Flag | None = None
     model: str | None = None
+
+
+class ResponsesRequest(Lenient):
+    """POST /v1/responses (OpenAI Responses). The items of `input`, `text.format` and `tools` are
+    read by routes_responses.py, which turns the body into a chat body (validated as ChatRequest)."""
+    input: str | list[Any]
+    instructions: str | None = None
+    max_output_tokens: Int | None = Field(None, ge=1)
+    text: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: Flag | None = None
+    temperature: Num | None = None
+    top_p: Num | None = None
+    stream: Flag | None = None
+    model: str | None = None
+    metadata: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    conversation: Any = None
+
+
+class MessagesRequest(Lenient):
+    """POST /v1/messages and /v1/messages/count_tokens (Anthropic Messages); `max_tokens` is
+    required by /v1/messages only (routes_messages.py says so in Anthropic's words)."""
+    messages: list[Any] = Field(min_length=1)
+    system: str | list[Any] | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: Num | None = None
+    top_p: Num | None = None
+    top_k: Int | None = Field(None, ge=0)
+    stream: Flag | None = None
+    tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    model: str | None = None
+
+
+def validated(model: type[M], data: dict[str, Any]) -> M:
+    """A body built on the server (Responses/Messages -> chat) checked as a client's would be."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise bad_request(validation_message(list(e.errors()))) from None
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:

@@ -118,5 +118,13 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def sse_event(data: dict) -> str:
+    """A named SSE event (`event: <its type>`), as the Responses and Anthropic streams send them;
+    an error chunk (no type) goes out as an `error` event with `"type": "error"` in its data."""
+    if "type" not in data:
+        data = {"type": "error", **data}
+    return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
