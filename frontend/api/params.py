@@ -169,7 +169,17 @@ def sampling_params(b: Body, defaults: SamplingParams, tok: Tokenizer) -> Sampli
     return p
 
 
-def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskParams:
+def n_choices(b: Body, n_parallel: int) -> int:
+    """`n` (OpenAI) or `n_cmpl` (llama.cpp): choices per prompt, each in a slot of its own."""
+    key = "n" if b.has("n") else "n_cmpl"
+    n = b.int(key, 1, 1)
+    if n > n_parallel:
+        raise bad_request(f"'{key}' is {n}, more than the number of slots ({n_parallel}); "
+                          f"start the server with a larger -np/--parallel")
+    return n
+
+
+def task_params(b: Body, state: ServerState, *, oai_chat: bool = False, allow_n: bool = False) -> TaskParams:
     """/completion's options (also read by the OpenAI routes, which add their own names)."""
     s = state.settings
     assert state.model is not None
@@ -191,9 +201,8 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true")
         elif lp is not None:
             n_probs = 1 if lp is True else (0 if lp is False else b.int("logprobs", 0, 0))
-    n = b.int("n", 1, 1) if b.has("n") else b.int("n_cmpl", 1, 1)
-    if n != 1:
-        raise bad_request("only one completion choice is supported ('n' must be 1)")
+    if n_choices(b, s.n_parallel) != 1 and not allow_n:
+        raise bad_request("only one completion choice is supported here ('n' must be 1)")
     regex = b.str("stop_regex")
     try:
         stop_regex = re.compile(regex) if regex else None

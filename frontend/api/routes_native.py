@@ -15,7 +15,7 @@ from .checks import generation_settings, pick_fields, prepare_body, tokenize_off
 from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import CONTENT_TYPE
-from .params import Body, check_context, parse_json, task_params
+from .params import Body, check_context, n_choices, parse_json, task_params
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
@@ -112,13 +112,14 @@ async def start_completion(request: Request) -> tuple[ServerState, Body, TaskPar
     st = _ready(request)
     assert st.model is not None and st.engine is not None
     b = Body(prepare_body(parse_json(await request.body())))
-    params = task_params(b, st)
+    params = task_params(b, st, allow_n=True)
+    n = n_choices(b, st.settings.n_parallel)
     pick_fields({}, b.raw("response_fields"))       # checked before any work
     if b.raw("prompt") is None:
         raise bad_request("'prompt' is required")
     prompts = await tokenize_off_loop(b.raw("prompt"), st.model.tokenizer, st.engine.n_ctx_slot)
     check_context(prompts, params, st.engine.n_ctx_slot)
-    sub = Submission(st, request, prompts, params)
+    sub = Submission(st, request, prompts, params, n)
     sub.start()
     return st, b, params, sub
 

@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine import FinalEvent, PartialEvent
 from .chat import parse_messages, render_prompt, template_extra
 from .checks import encode_chat_off_loop
+from .choices import UsageTail, merge, usage_of
 from .errors import bad_request
 from .formats import (
     chat_completion,
@@ -20,7 +21,7 @@ from .formats import (
     oai_completion,
     oai_completion_chunk,
 )
-from .params import Body, check_context, parse_json, task_params
+from .params import Body, check_context, n_choices, parse_json, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .stream import Submission
 from .structured import lark_grammar, response_format_grammar, schema_grammar
@@ -41,7 +42,10 @@ async def completions(request: Request) -> Response:
     model = b.str("model") or st.settings.model_name
     cid = completion_id()
     if not params.stream:
-        return JSONResponse(oai_completion(await _collect(sub), cid, model))
+        finals = await _collect(sub)
+        out = oai_completion(finals, cid, model)
+        out["usage"] = usage_of(finals, sub.n)
+        return JSONResponse(out)
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
@@ -62,7 +66,8 @@ async def chat_completions(request: Request) -> Response:
     b = Body(body)
     spec = parse_tools(body, st.chat_template)
     messages = prepare_messages(parse_messages(body.get("messages")), spec, st.chat_template)
-    params = task_params(b, st, oai_chat=True)
+    params = task_params(b, st, oai_chat=True, allow_n=True)
+    n = n_choices(b, st.settings.n_parallel)
     grammar = response_format_grammar(body.get("response_format"), st)
     if spec is not None:
         if grammar is not None:
@@ -90,23 +95,29 @@ async def chat_completions(request: Request) -> Response:
             raise bad_request("'stream_options' must be an object")
         include_usage = Body(opts).bool("include_usage", False)
     cid = completion_id()
-    sub = Submission(st, request, [prompt], params)
+    sub = Submission(st, request, [prompt], params, n)
     sub.start()
     if not params.stream:
-        reply = chat_completion((await _collect(sub))[0], cid, model)
-        return JSONResponse(shape_reply(reply, spec) if spec is not None else reply)
+        finals = await _collect(sub)
+        replies = [chat_completion(f, cid, model) for f in finals]
+        if spec is not None:
+            replies = [shape_reply(r, spec) for r in replies]
+        return JSONResponse(replies[0] if n == 1 else merge(replies, finals, n))
+    tail = UsageTail(n, n, cid, model) if include_usage and n > 1 else None
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
+            last = chat_final_chunks(ev, cid, model, include_usage and tail is None)
+            if tail is not None:
+                last += tail.add(ev)
             if spec is None:
-                return chat_final_chunks(ev, cid, model, include_usage)
+                return last
             deltas, calls = stream_deltas(ev.content, spec)      # held back until it parses
-            last = chat_final_chunks(ev, cid, model, include_usage)
             last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
-            return [chat_delta(cid, model, d) for d in deltas] + last
+            return [chat_delta(cid, model, d, ev.index) for d in deltas] + last
         if spec is not None:
             return []
         chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
         return [chunk] if chunk is not None else []
 
-    return await stream_events(sub, fmt, [chat_first_chunk(cid, model)], done=True)
+    return await stream_events(sub, fmt, [chat_first_chunk(cid, model, i) for i in range(n)], done=True)

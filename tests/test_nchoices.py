@@ -1,0 +1,175 @@
+"""n > 1 on the engine (synthetic model): the prompt's KV cells copied to the other sequences by
+CopyTensor give the same next-token logits as a fresh prefill; n choices from one prompt (greedy:
+all equal to n=1; seeded: different and reproducible); groups queue for free slots; a cancelled
+leader leaves its children to prefill themselves."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from llamarpc.client.local import LocalBackend
+from llamarpc.frontend.engine import Engine, EngineConfig, ErrorEvent, FinalEvent, PartialEvent, TaskParams, load_model
+from llamarpc.frontend.engine.engine import forward_micro_batches
+from llamarpc.frontend.engine.fork import choice_params, choice_tasks, copy_cells, runs, seq_cells
+from llamarpc.frontend.engine.kv_cells import KVCells
+from llamarpc.frontend.sampling import SamplingParams
+from synth import write_model
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 11, 130, 64, 8, 200]
+
+
+@pytest.fixture(scope="module")
+def synth_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nchoices") / "m.gguf"
+    write_model(path, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, seed=3)
+    return path
+
+
+def _step(model, kv: KVCells, toks, seq: int, p0: int) -> np.ndarray:
+    toks = np.asarray(toks, np.int32)
+    pos = np.arange(p0, p0 + toks.size, dtype=np.int32)
+    want = np.zeros(toks.size, bool)
+    want[-1] = True
+    return forward_micro_batches(model.pipeline, kv, toks, pos, np.full(toks.size, seq, np.int32), want, 512)[-1]
+
+
+def test_runs():
+    assert runs(np.array([0, 1, 2, 5, 6]), np.array([10, 11, 12, 13, 20])) == [(0, 10, 3), (5, 13, 1), (6, 20, 1)]
+    assert runs(np.array([], np.int32), np.array([], np.int32)) == []
+
+
+def test_copied_cells_give_the_fresh_prefill_logits(synth_path):
+    model = load_model(str(synth_path), [LocalBackend()], n_ctx=128)
+    try:
+        n, nxt = len(PROMPT), 77
+        # fresh: the prompt prefilled in sequence 2, then one more token
+        kv = KVCells(model.n_ctx)
+        _step(model, kv, PROMPT, 2, 0)
+        fresh = _step(model, kv, [nxt], 2, n)
+        # copied: prefilled in sequence 0 (after another sequence's cells, dropped next, so the
+        # copy lands in two runs), cells copied to sequence 1, then the same token on sequence 1
+        # (its cell after the copied ones, as the fresh one's: attention sums in cell order)
+        model.pipeline.clear_kv()
+        kv = KVCells(model.n_ctx)
+        _step(model, kv, [9, 9, 9], 4, 0)
+        _step(model, kv, PROMPT, 0, 0)
+        kv.remove(4)
+        src = seq_cells(kv, 0, n)
+        dst = kv.alloc(np.full(n, 1, np.int32), np.arange(n, dtype=np.int32))
+        assert not np.array_equal(src, dst) and len(runs(src, dst)) > 1   # moved, and in several runs
+        copies = copy_cells(model.pipeline, src, dst)
+        assert copies == 2 * model.args.n_layer * len(runs(src, dst))
+        st = model.pipeline.stages[0]
+        k_ref = st.kv_refs[0][0]
+        row = k_ref.shape[1] * 4
+        k0 = st.backend.get_tensor(k_ref.buffer_id, k_ref.offset, model.n_ctx * row)
+        rows = np.frombuffer(k0, np.float32).reshape(model.n_ctx, -1)
+        assert np.array_equal(rows[src], rows[dst])
+        copied = _step(model, kv, [nxt], 1, n)
+        assert np.array_equal(copied, fresh)
+        # without the copy the sequence would see nothing: the logits differ (the test can fail)
+        kv.remove(1)
+        kv.remove(0)
+        kv.alloc(np.full(n, 1, np.int32), np.arange(n, dtype=np.int32))     # stale cells, not the prompt
+        assert not np.array_equal(_step(model, kv, [nxt], 1, n), fresh)
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def engine(synth_path):
+    model = load_model(str(synth_path), [LocalBackend()], n_ctx=512)
+    eng = Engine(model, EngineConfig(n_parallel=4))
+    eng.start()
+    yield eng
+    eng.stop()
+    model.close()
+
+
+class Group:
+    def __init__(self, engine: Engine, n: int, base: int = 0, **kw) -> None:
+        kw.setdefault("sampling", GREEDY)
+        self.events: list = []
+        self.done = threading.Event()
+        self.n = n
+        self.tasks = choice_tasks(list(PROMPT), TaskParams(**kw), n, self._sink, base)
+        for t in self.tasks:
+            engine.submit(t)
+
+    def _sink(self, e) -> None:
+        self.events.append(e)
+        if sum(isinstance(x, (FinalEvent, ErrorEvent)) for x in self.events) == self.n:
+            self.done.set()
+
+    def finals(self, timeout: float = 60.0) -> dict[int, FinalEvent]:
+        assert self.done.wait(timeout), "the choices did not finish"
+        errors = [e for e in self.events if isinstance(e, ErrorEvent)]
+        assert not errors, errors
+        return {e.index: e for e in self.events if isinstance(e, FinalEvent)}
+
+    def streamed(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for e in self.events:
+            if isinstance(e, PartialEvent):
+                out.setdefault(e.index, []).extend(e.tokens)
+        return out
+
+
+def test_greedy_choices_equal_the_single_reply(engine):
+    one = Group(engine, 1, n_predict=10, ignore_eos=True, cache_prompt=False).finals()[0]
+    copies = engine.forks.n_copies
+    g = Group(engine, 3, n_predict=10, ignore_eos=True, cache_prompt=False)
+    finals = g.finals()
+    assert sorted(finals) == [0, 1, 2]
+    assert all(f.tokens == one.tokens for f in finals.values())
+    assert g.streamed() == {i: one.tokens for i in range(3)}
+    assert len({f.id_slot for f in finals.values()}) == 3
+    assert engine.forks.n_copies > copies        # the prompt was copied, not computed three times
+
+
+def test_seeded_choices_differ_and_repeat(engine):
+    kw = dict(n_predict=12, ignore_eos=True, sampling=SamplingParams(temperature=1.5, top_k=0, top_p=1.0,
+                                                                       min_p=0.0, seed=1234))
+    a = {i: f.tokens for i, f in Group(engine, 3, **kw).finals().items()}
+    b = {i: f.tokens for i, f in Group(engine, 3, **kw).finals().items()}
+    assert a == b
+    assert len({tuple(t) for t in a.values()}) > 1
+    # choice 0 is the n=1 reply with that seed
+    assert Group(engine, 1, **kw).finals()[0].tokens == a[0]
+
+
+def test_choice_seeds():
+    p = TaskParams(sampling=SamplingParams(seed=7))
+    assert [choice_params(p, j).sampling.seed for j in range(3)] == [7, 8, 9]
+    q = TaskParams(sampling=SamplingParams(seed=-1))
+    assert choice_params(q, 2) is q
+
+
+def test_groups_queue_for_free_slots(engine):
+    ref = Group(engine, 1, n_predict=6, ignore_eos=True).finals()[0].tokens
+    g1 = Group(engine, 3, n_predict=6, ignore_eos=True)
+    g2 = Group(engine, 3, base=3, n_predict=6, ignore_eos=True)      # 6 choices on 4 slots: one group waits
+    f1, f2 = g1.finals(), g2.finals()
+    assert sorted(f1) == [0, 1, 2] and sorted(f2) == [3, 4, 5]
+    assert all(f.tokens == ref for f in [*f1.values(), *f2.values()])
+
+
+def test_cancelled_leader_leaves_the_children_running(engine):
+    ref = Group(engine, 1, n_predict=6, ignore_eos=True).finals()[0].tokens
+    done = threading.Event()
+    events: list = []
+
+    def sink(e):
+        events.append(e)
+        if sum(isinstance(x, (FinalEvent, ErrorEvent)) for x in events) == 2:
+            done.set()
+
+    tasks = choice_tasks(list(PROMPT), TaskParams(sampling=GREEDY, n_predict=6, ignore_eos=True), 3, sink)
+    tasks[0].cancel()
+    for t in tasks:
+        engine.submit(t)
+    assert done.wait(60)
+    finals = {e.index: e for e in events if isinstance(e, FinalEvent)}
+    assert sorted(finals) == [1, 2] and all(f.tokens == ref for f in finals.values())
