@@ -200,7 +200,7 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False, allow_n:
             elif b.has("top_logprobs"):
                 raise bad_request("'top_logprobs' requires 'logprobs' to be true")
         elif lp is not None:
-            n_probs = 1 if lp is True else (0 if lp is False else b.int("logprobs", 0, 0))
+            n_probs = 1 if lp is True else (0 if lp is False else b.int("logprobs", 0, 0, 20))
     if n_choices(b, s.n_parallel) != 1 and not allow_n:
         raise bad_request("only one completion choice is supported here ('n' must be 1)")
     regex = b.str("stop_regex")
