@@ -5,6 +5,7 @@ leader leaves its children to prefill themselves."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from llamarpc.frontend.engine.engine import forward_micro_batches
 from llamarpc.frontend.engine.fork import choice_params, choice_tasks, copy_cells, runs, seq_cells
 from llamarpc.frontend.engine.kv_cells import KVCells
 from llamarpc.frontend.sampling import SamplingParams
+from llamarpc.proto.errors import NodeUnavailable
 from synth import write_model
+from test_engine import FlakyBackend
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 11, 130, 64, 8, 200]
@@ -173,3 +176,73 @@ def test_cancelled_leader_leaves_the_children_running(engine):
     assert done.wait(60)
     finals = {e.index: e for e in events if isinstance(e, FinalEvent)}
     assert sorted(finals) == [1, 2] and all(f.tokens == ref for f in finals.values())
+
+
+class CopyFails(LocalBackend):
+    """A node whose CopyTensor fails like a lost node once, then answers again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = True
+
+    def copy_tensor(self, *a) -> None:
+        if self.fail:
+            self.fail = False
+            raise NodeUnavailable("connection reset", node=self.name)
+        super().copy_tensor(*a)
+
+
+def _engine(path, backends, **cfg) -> Engine:
+    eng = Engine(load_model(str(path), backends, n_ctx=512), EngineConfig(n_parallel=4, **cfg))
+    eng.start()
+    return eng
+
+
+def test_failed_copy_makes_the_children_prefill(synth_path, engine):
+    ref = Group(engine, 1, n_predict=6, ignore_eos=True).finals()[0].tokens
+    eng = _engine(synth_path, [CopyFails()])
+    try:
+        finals = Group(eng, 3, n_predict=6, ignore_eos=True).finals()
+        assert sorted(finals) == [0, 1, 2] and all(f.tokens == ref for f in finals.values())
+        assert eng.forks.n_copies == 2 * eng.model.args.n_layer     # the second child's copy went through
+    finally:
+        eng.stop()
+        eng.model.close()
+
+
+def test_node_restart_mid_stream_all_choices_continue(synth_path, engine):
+    ref = Group(engine, 1, n_predict=30, ignore_eos=True).finals()[0].tokens
+    flaky = FlakyBackend()
+    eng = _engine(synth_path, [LocalBackend(), flaky])
+    try:
+        g = Group(eng, 3, n_predict=30, ignore_eos=True)
+        while sum(isinstance(e, PartialEvent) for e in g.events) < 6:
+            time.sleep(0.002)
+        flaky.restarted = True
+        finals = g.finals()
+        assert all(f.tokens == ref for f in finals.values()) and eng.model.pipeline.epoch == 1
+        assert g.streamed() == {i: ref for i in range(3)}
+    finally:
+        eng.stop()
+        eng.model.close()
+
+
+def test_node_gone_ends_every_choice(synth_path):
+    flaky = FlakyBackend()
+    eng = _engine(synth_path, [flaky], node_grace=0.0, recover_interval=0.05)
+    try:
+        g = Group(eng, 3, n_predict=200, ignore_eos=True)
+        while sum(isinstance(e, PartialEvent) for e in g.events) < 3:
+            time.sleep(0.002)
+        flaky.down = True
+        assert g.done.wait(30), "the choices did not end"
+        errors = {e.index: e.code for e in g.events if isinstance(e, ErrorEvent)}
+        assert errors == {0: 503, 1: 503, 2: 503}
+        deadline = time.monotonic() + 10
+        while any(s.busy for s in eng.slots) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(s.busy for s in eng.slots) and not eng.forks._waiting
+    finally:
+        flaky.down = False
+        eng.stop()
+        eng.model.close()
