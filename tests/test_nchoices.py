@@ -246,3 +246,24 @@ def test_node_gone_ends_every_choice(synth_path):
         flaky.down = False
         eng.stop()
         eng.model.close()
+
+
+def test_choices_over_two_grpc_nodes(synth_path, engine, tmp_path):
+    """The copy over the wire: CopyTensor on each of two llamarpc-server processes."""
+    from llamarpc.client.remote import RemoteBackend
+    from nodeproc import start_node
+
+    ref = Group(engine, 1, n_predict=8, ignore_eos=True).finals()[0].tokens
+    nodes = [start_node(tmp_path), start_node(tmp_path)]
+    eng = None
+    try:
+        eng = _engine(synth_path, [RemoteBackend(n.address) for n in nodes])
+        finals = Group(eng, 3, n_predict=8, ignore_eos=True).finals()
+        assert sorted(finals) == [0, 1, 2] and all(f.tokens == ref for f in finals.values())
+        assert eng.forks.n_copies == 2 * 2 * eng.model.args.n_layer      # two children, every layer's K and V
+    finally:
+        if eng is not None:
+            eng.stop()
+            eng.model.close()
+        for n in nodes:
+            n.stop()
