@@ -2,6 +2,8 @@
 model (-np 4): choices 0..n-1 streamed and not, usage summed, the prompt's logprobs, the openai SDK."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from serverproc import sse_events, start_server
@@ -16,7 +18,7 @@ MSGS = [{"role": "user", "content": "Hello there"}]
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("nchoices_api") / "synth.gguf"
     write_model(path, n_layer=2, n_embd=128, n_head=4, n_head_kv=2, n_ff=256, seed=3)
-    srv, url = start_server(["-m", str(path), "-c", "1024", "-np", "4"])
+    srv, url = start_server(["-m", str(path), "-c", "8192", "-np", "4", "--slots"])
     yield url
     srv.stop()
 
@@ -169,3 +171,15 @@ def test_openai_sdk_parses_legacy_logprobs_and_echo(server):
     assert r.choices[0].text.startswith("Once upon") and lp.token_logprobs[0] is None
     assert len(lp.tokens) == len(lp.text_offset) == len(lp.top_logprobs) and lp.tokens[-1]
     assert r.usage.completion_tokens == 6
+
+
+def test_disconnect_ends_every_choice(http):
+    body = {"prompt": "Hello", "max_tokens": 1900, "n": 3, "stream": True, **GREEDY}
+    with http.stream("POST", "/v1/completions", json=body) as s:
+        lines = s.iter_lines()      # keep the iterator: dropping it closes the stream
+        next(lines)
+        assert sum(x["is_processing"] for x in http.get("/slots").json()) == 3
+    deadline = time.time() + 5
+    while any(x["is_processing"] for x in http.get("/slots").json()) and time.time() < deadline:
+        time.sleep(0.02)
+    assert not any(x["is_processing"] for x in http.get("/slots").json())
