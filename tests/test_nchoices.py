@@ -267,3 +267,11 @@ def test_choices_over_two_grpc_nodes(synth_path, engine, tmp_path):
             eng.model.close()
         for n in nodes:
             n.stop()
+
+
+def test_children_report_the_leaders_prompt_timings(engine):
+    finals = Group(engine, 3, n_predict=4, ignore_eos=True, cache_prompt=False).finals()
+    t0 = finals[0].timings
+    assert t0.prompt_n == len(PROMPT)
+    assert all((f.timings.prompt_n, f.timings.prompt_ms, f.timings.cache_n) == (t0.prompt_n, t0.prompt_ms, t0.cache_n)
+               for f in finals.values())

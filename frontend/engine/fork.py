@@ -171,6 +171,8 @@ class Forks:
                 continue
             s.cache = list(lead.cache)
             s.prompt_done()
+            # the prompt's timings and cache count are the leader's (llama.cpp's copy_state_to)
+            s.n_cached, s.t_start, s.t_prompt_done = lead.n_cached, lead.t_start, lead.t_prompt_done
             ready.append(s)
         log.debug("slot %d: prompt of %d tokens copied to slots %s", lead.id, n, [s.id for s in ready])
         return ready
