@@ -392,7 +392,7 @@ class Engine:
             if not out:
                 continue
             for k in (s, *kids):    # the choices of one prompt sample the same row, each its own way
-                events, final = k.on_logits(logits[row] if not kids else logits[row].copy(), self.tokenizer)
+                events, final = k.on_logits(logits[row], self.tokenizer)   # the sampler copies the row
                 for ev in events:
                     self._emit(k.task, ev)
                 if final is not None:
