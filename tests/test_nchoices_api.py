@@ -183,3 +183,23 @@ def test_disconnect_ends_every_choice(http):
     while any(x["is_processing"] for x in http.get("/slots").json()) and time.time() < deadline:
         time.sleep(0.02)
     assert not any(x["is_processing"] for x in http.get("/slots").json())
+
+
+def test_two_prompts_two_choices_each(http):
+    body = {"max_tokens": 5, **GREEDY}
+    a, b = (http.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"] for p in ("Ab", "Cd"))
+    r = http.post("/v1/completions", json={**body, "prompt": ["Ab", "Cd"], "n": 2}).json()
+    assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, a), (1, a), (2, b), (3, b)]
+    assert r["usage"]["prompt_tokens"] == sum(len(http.post("/tokenize", json={"content": p}).json()["tokens"])
+                                              for p in ("Ab", "Cd"))
+
+
+def test_echo_logprobs_scoring_only(http):
+    # lm-eval-harness style: max_tokens 0, the prompt's logprobs only
+    r = http.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 0, "logprobs": 1, "echo": True,
+                                           **GREEDY}).json()
+    c = r["choices"][0]
+    assert c["text"] == "Once upon" and r["usage"]["completion_tokens"] == 0
+    lp = c["logprobs"]
+    check_legacy(lp, "Once upon", 1)
+    assert len(lp["tokens"]) == r["usage"]["prompt_tokens"] and lp["token_logprobs"][0] is None
