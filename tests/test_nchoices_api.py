@@ -203,3 +203,11 @@ def test_echo_logprobs_scoring_only(http):
     lp = c["logprobs"]
     check_legacy(lp, "Once upon", 1)
     assert len(lp["tokens"]) == r["usage"]["prompt_tokens"] and lp["token_logprobs"][0] is None
+
+
+def test_native_completion_n_cmpl(http):
+    body = {"prompt": "Once", "n_predict": 5, **GREEDY}
+    one = http.post("/completion", json=body).json()["content"]
+    r = http.post("/completion", json={**body, "n_cmpl": 2}).json()
+    assert isinstance(r, list) and [(x["index"], x["content"]) for x in r] == [(0, one), (1, one)]
+    assert r[0]["id_slot"] != r[1]["id_slot"]
