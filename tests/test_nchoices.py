@@ -275,3 +275,27 @@ def test_children_report_the_leaders_prompt_timings(engine):
     assert t0.prompt_n == len(PROMPT)
     assert all((f.timings.prompt_n, f.timings.prompt_ms, f.timings.cache_n) == (t0.prompt_n, t0.prompt_ms, t0.cache_n)
                for f in finals.values())
+
+
+def test_prompt_probs_in_bounded_forwards(engine, monkeypatch):
+    from llamarpc.frontend.engine import prompt_probs
+    from llamarpc.frontend.sampling import softmax_prob
+
+    prompt = PROMPT * 3
+    whole = engine.call(lambda e: prompt_probs.prompt_token_probs(e, prompt, 3)).result(30)
+    monkeypatch.setattr(prompt_probs, "LOGITS_BYTES", 5 * 4 * engine.model.n_vocab)     # 5 rows a forward
+    cut = engine.call(lambda e: prompt_probs.prompt_token_probs(e, prompt, 3)).result(30)
+    assert whole[0] is None and cut[0] is None and len(whole) == len(cut) == len(prompt)
+    assert [o.id for o in whole[1:]] == prompt[1:] == [o.id for o in cut[1:]]
+    assert np.allclose([o.prob for o in whole[1:]], [o.prob for o in cut[1:]], atol=1e-5)
+    assert all(len(o.top) == 3 for o in cut[1:])
+    # token i's probability is the model's after tokens 0..i-1 (a fresh forward of that prefix)
+    seq = len(engine.slots) + 1
+
+    def prefix_prob(e: Engine) -> float:
+        try:
+            return softmax_prob(_step(e.model, e.kv, prompt[:7], seq, 0), prompt[7])
+        finally:
+            e.kv.remove(seq)
+    assert engine.call(prefix_prob).result(30) == pytest.approx(whole[7].prob, abs=1e-5)
+    assert not np.any(engine.kv.seq == len(engine.slots))       # the probe's cells were freed

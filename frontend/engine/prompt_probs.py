@@ -2,8 +2,9 @@
 probability under the model's distribution after tokens 0..i-1, and the n most probable there.
 
 Runs on the engine thread (Engine.call) between two steps: the prompt goes through the usual
-micro-batched forward in a sequence no slot uses, every row's logits wanted, n_ubatch rows at a
-time so the logits held stay bounded ([n_ubatch, n_vocab] floats); its cells are freed after.
+micro-batched forward in a sequence no slot uses, every row's logits wanted, in forwards of as
+many rows as LOGITS_BYTES of logits hold (at most n_ubatch): what a node sends back stays far
+below a gRPC message's 64 MiB, and what is held here stays bounded. Its cells are freed after.
 The first token has no probability (nothing precedes it): its entry is None. The math is the
 chat logprobs' (`token_probs`, `softmax_prob`: a plain softmax of the raw logits).
 """
@@ -21,6 +22,8 @@ from .task import TokenOutput, TokenProb
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+LOGITS_BYTES = 16 << 20     # the logits of one forward here (SmolLM2's 49152 tokens: 85 rows)
 
 
 def prompt_token_probs(engine: Engine, prompt: Sequence[int], n_probs: int) -> list[TokenOutput | None]:
@@ -40,7 +43,7 @@ def prompt_token_probs(engine: Engine, prompt: Sequence[int], n_probs: int) -> l
                 s.cache = []
     seq = len(engine.slots)
     ids = np.asarray(prompt, np.int32)
-    step = engine.config.n_ubatch
+    step = max(1, min(engine.config.n_ubatch, LOGITS_BYTES // (4 * engine.model.n_vocab)))
     out: list[TokenOutput | None] = [None]
     try:
         for a in range(0, n - 1, step):         # the last token's logits predict no prompt token
