@@ -6,6 +6,7 @@ token starts in the choice's text. llama-server sends `{"content": [...]}` there
 that key stays beside the legacy ones for its clients. With `echo` the choice's text starts with
 the prompt and, with logprobs, the prompt's tokens come first (the first one's logprob and top
 are null: nothing precedes it). llama-server refuses echo; OpenAI's legacy API had it.
+`CompletionReply` builds the route's reply, or its stream's chunks, from the engine's events.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from typing import Any
 
 from llamarpc.proto.errors import BackendError
 
-from ..engine import TokenOutput
+from ..engine import FinalEvent, PartialEvent, TaskParams, TokenOutput
 from ..engine.kv_cells import ContextFull
 from ..engine.prompt_probs import prompt_token_probs
 from ..model.tokenizer import Tokenizer
+from .choices import usage_of
 from .errors import APIError, bad_request
-from .formats import _logp, probs_json
+from .formats import _logp, oai_completion, oai_completion_chunk, probs_json
 from .params import Body
 from .state import ServerState
 from .stream import Submission
@@ -128,3 +130,47 @@ async def echo_parts(st: ServerState, b: Body, sub: Submission, n_probs: int) ->
         fut.cancel()
         raise APIError(503, "the engine did not answer in time", "unavailable_error") from None
     return Echo(texts, prompts, items)
+
+
+class CompletionReply:
+    """/v1/completions' reply (`reply`) or stream chunks (`chunks`): each choice's text after its
+    echoed prompt, its legacy logprobs with text_offset running on over the chunks."""
+
+    def __init__(self, echo: Echo, params: TaskParams, n: int, n_tasks: int, tok: Tokenizer, cid: str,
+                 model: str) -> None:
+        self.echo, self.params, self.n, self.tok, self.cid, self.model = echo, params, n, tok, cid, model
+        self.lps = [ChoiceLogprobs() for _ in range(n_tasks)]
+        self.started: set[int] = set()
+
+    def reply(self, finals: list[FinalEvent]) -> dict:
+        out = oai_completion(finals, self.cid, self.model)
+        out["usage"] = usage_of(finals, self.n)
+        for f, choice in zip(finals, out["choices"]):
+            text, items, prompt = self.echo.part(f.index // self.n)
+            choice["text"] = text + f.content
+            if self.params.n_probs > 0:
+                choice["logprobs"] = choice_logprobs(self.lps[f.index], f.probs, self.params.post_sampling_probs,
+                                                     items, prompt, self.tok, len(text))
+        return out
+
+    def chunks(self, ev: PartialEvent | FinalEvent) -> list[dict]:
+        post = self.params.post_sampling_probs
+        head = []
+        if ev.index not in self.started:     # the echoed prompt, once per choice, before its tokens
+            self.started.add(ev.index)
+            text, items, prompt = self.echo.part(ev.index // self.n)
+            self.lps[ev.index].offset = len(text)
+            if text:
+                c = oai_completion_chunk(PartialEvent(ev.index, text, [], [], 0, 0, 0), None, self.cid, self.model,
+                                         post)
+                c["choices"][0]["logprobs"] = choice_logprobs(ChoiceLogprobs(), [], post, items, prompt, self.tok) \
+                    if self.params.n_probs > 0 else None
+                head.append(c)
+        if isinstance(ev, FinalEvent):
+            return [*head, oai_completion_chunk(None, ev, self.cid, self.model, post)]
+        if not ev.text and not ev.probs:
+            return head
+        c = oai_completion_chunk(ev, None, self.cid, self.model, post)
+        if ev.probs:
+            c["choices"][0]["logprobs"] = choice_logprobs(self.lps[ev.index], ev.probs, post)
+        return [*head, c]

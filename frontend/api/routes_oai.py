@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from ..engine import FinalEvent, PartialEvent
 from .chat import parse_messages, render_prompt, template_extra
 from .checks import encode_chat_off_loop
-from .choices import UsageTail, merge, usage_of
+from .choices import UsageTail, merge
 from .errors import bad_request
 from .formats import (
     chat_completion,
@@ -18,10 +18,8 @@ from .formats import (
     chat_final_chunks,
     chat_first_chunk,
     completion_id,
-    oai_completion,
-    oai_completion_chunk,
 )
-from .legacy_logprobs import ChoiceLogprobs, choice_logprobs, echo_parts
+from .legacy_logprobs import CompletionReply, echo_parts
 from .params import Body, check_context, n_choices, parse_json, task_params
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .stream import Submission
@@ -47,41 +45,10 @@ async def completions(request: Request) -> Response:
     except BaseException:
         sub.close()
         raise
-    post, n = params.post_sampling_probs, sub.n
-    lps = [ChoiceLogprobs() for _ in sub.tasks]
+    out = CompletionReply(echo, params, sub.n, len(sub.tasks), st.model.tokenizer, cid, model)   # type: ignore[union-attr]
     if not params.stream:
-        finals = await _collect(sub)
-        out = oai_completion(finals, cid, model)
-        out["usage"] = usage_of(finals, n)
-        for f, choice in zip(finals, out["choices"]):
-            text, items, prompt = echo.part(f.index // n)
-            choice["text"] = text + f.content
-            if params.n_probs > 0:
-                choice["logprobs"] = choice_logprobs(lps[f.index], f.probs, post, items, prompt, st.model.tokenizer,
-                                                     len(text))
-        return JSONResponse(out)
-    started: set[int] = set()
-
-    def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
-        head = []
-        if ev.index not in started:     # the echoed prompt, once per choice, before its tokens
-            started.add(ev.index)
-            text, items, prompt = echo.part(ev.index // n)
-            lps[ev.index].offset = len(text)
-            if text:
-                c = oai_completion_chunk(PartialEvent(ev.index, text, [], [], 0, 0, 0), None, cid, model, post)
-                c["choices"][0]["logprobs"] = choice_logprobs(ChoiceLogprobs(), [], post, items, prompt,
-                                                              st.model.tokenizer) if params.n_probs > 0 else None
-                head.append(c)
-        if isinstance(ev, FinalEvent):
-            return [*head, oai_completion_chunk(None, ev, cid, model, post)]
-        if not ev.text and not ev.probs:
-            return head
-        c = oai_completion_chunk(ev, None, cid, model, post)
-        if ev.probs:
-            c["choices"][0]["logprobs"] = choice_logprobs(lps[ev.index], ev.probs, post)
-        return [*head, c]
-
+        return JSONResponse(out.reply(await _collect(sub)))
+    fmt = out.chunks
     return await stream_events(sub, fmt, done=True)
 
 
