@@ -16,6 +16,7 @@ from llamarpc.frontend.engine.fork import choice_params, choice_tasks, copy_cell
 from llamarpc.frontend.engine.kv_cells import KVCells
 from llamarpc.frontend.sampling import SamplingParams
 from llamarpc.proto.errors import NodeUnavailable
+from llamarpc.proto.types import GGMLType
 from synth import write_model
 from test_engine import FlakyBackend
 
@@ -43,8 +44,9 @@ def test_runs():
     assert runs(np.array([], np.int32), np.array([], np.int32)) == []
 
 
-def test_copied_cells_give_the_fresh_prefill_logits(synth_path):
-    model = load_model(str(synth_path), [LocalBackend()], n_ctx=128)
+@pytest.mark.parametrize("kv_type", [GGMLType.F32, GGMLType.F16])
+def test_copied_cells_give_the_fresh_prefill_logits(synth_path, kv_type):
+    model = load_model(str(synth_path), [LocalBackend()], n_ctx=128, kv_type=kv_type)
     try:
         n, nxt = len(PROMPT), 77
         # fresh: the prompt prefilled in sequence 2, then one more token
@@ -66,9 +68,10 @@ def test_copied_cells_give_the_fresh_prefill_logits(synth_path):
         assert copies == 2 * model.args.n_layer * len(runs(src, dst))
         st = model.pipeline.stages[0]
         k_ref = st.kv_refs[0][0]
-        row = k_ref.shape[1] * 4
+        dtype = np.float32 if kv_type == GGMLType.F32 else np.float16
+        row = k_ref.shape[1] * np.dtype(dtype).itemsize
         k0 = st.backend.get_tensor(k_ref.buffer_id, k_ref.offset, model.n_ctx * row)
-        rows = np.frombuffer(k0, np.float32).reshape(model.n_ctx, -1)
+        rows = np.frombuffer(k0, dtype).reshape(model.n_ctx, -1)
         assert np.array_equal(rows[src], rows[dst])
         copied = _step(model, kv, [nxt], 1, n)
         assert np.array_equal(copied, fresh)
