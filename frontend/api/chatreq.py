@@ -41,9 +41,10 @@ async def chat_prompt(st: ServerState, body: dict[str, Any], spec: ToolSpec | No
     return prompt
 
 
-def chat_params(st: ServerState, r: ChatRequest, body: dict[str, Any], spec: ToolSpec | None) -> TaskParams:
+def chat_params(st: ServerState, r: ChatRequest, body: dict[str, Any], spec: ToolSpec | None,
+                allow_n: bool = False) -> TaskParams:
     """The sampling fields, with `response_format` or the tool-call format as the grammar."""
-    params = task_params(r, st, oai_chat=True)
+    params = task_params(r, st, oai_chat=True, allow_n=allow_n)
     grammar = response_format_grammar(body.get("response_format"), st)
     if spec is not None:
         if grammar is not None:
@@ -59,10 +60,11 @@ def chat_params(st: ServerState, r: ChatRequest, body: dict[str, Any], spec: Too
     return params
 
 
-async def prepare_chat(st: ServerState, r: ChatRequest) -> PreparedChat:
+async def prepare_chat(st: ServerState, r: ChatRequest, allow_n: bool = False) -> PreparedChat:
+    """`allow_n`: the route runs `n` choices (/v1/chat/completions); elsewhere n > 1 is a 400."""
     body = r.fields()
     spec = parse_tools(body, st.chat_template)
-    params = chat_params(st, r, body, spec)
+    params = chat_params(st, r, body, spec, allow_n)
     prompt = await chat_prompt(st, body, spec)
     assert st.engine is not None
     check_context([prompt], params, st.engine.n_ctx_slot)

@@ -112,25 +112,26 @@ def _chunk(cid: str, model: str, choices: list[dict]) -> dict:
             "system_fingerprint": BUILD_INFO, "object": "chat.completion.chunk"}
 
 
-def chat_first_chunk(cid: str, model: str) -> dict:
-    return _chunk(cid, model, [{"finish_reason": None, "index": 0, "delta": {"role": "assistant", "content": None}}])
+def chat_first_chunk(cid: str, model: str, index: int = 0) -> dict:
+    return _chunk(cid, model, [{"finish_reason": None, "index": index,
+                                "delta": {"role": "assistant", "content": None}}])
 
 
-def chat_delta(cid: str, model: str, delta: dict) -> dict:
-    return _chunk(cid, model, [{"finish_reason": None, "index": 0, "delta": delta}])
+def chat_delta(cid: str, model: str, delta: dict, index: int = 0) -> dict:
+    return _chunk(cid, model, [{"finish_reason": None, "index": index, "delta": delta}])
 
 
 def chat_delta_chunk(e: PartialEvent, cid: str, model: str, post: bool) -> dict | None:
     if not e.text and not e.probs:
         return None
-    choice: dict[str, Any] = {"finish_reason": None, "index": 0, "delta": {"content": e.text}}
+    choice: dict[str, Any] = {"finish_reason": None, "index": e.index, "delta": {"content": e.text}}
     if e.probs:
         choice["logprobs"] = {"content": probs_json(e.probs, post)}
     return _chunk(cid, model, [choice])
 
 
 def chat_final_chunks(f: FinalEvent, cid: str, model: str, include_usage: bool) -> list[dict]:
-    last = _chunk(cid, model, [{"finish_reason": finish_reason(f.stop_type), "index": 0, "delta": {}}])
+    last = _chunk(cid, model, [{"finish_reason": finish_reason(f.stop_type), "index": f.index, "delta": {}}])
     out = [last]
     if include_usage:
         u = _chunk(cid, model, [])
@@ -141,7 +142,7 @@ def chat_final_chunks(f: FinalEvent, cid: str, model: str, include_usage: bool) 
 
 
 def chat_completion(f: FinalEvent, cid: str, model: str) -> dict:
-    choice: dict[str, Any] = {"finish_reason": finish_reason(f.stop_type), "index": 0,
+    choice: dict[str, Any] = {"finish_reason": finish_reason(f.stop_type), "index": f.index,
                               "message": {"role": "assistant", "content": f.content}}
     if f.probs:
         choice["logprobs"] = {"content": probs_json(f.probs, f.params.post_sampling_probs)}

@@ -114,7 +114,18 @@ def _n_probs(r: CompletionOptions, oai_chat: bool) -> int:
     return 1 if lp is True else lp
 
 
-def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = False) -> TaskParams:
+def n_choices(r: CompletionOptions, n_parallel: int) -> int:
+    """`n` (OpenAI) or `n_cmpl` (llama.cpp): choices per prompt, each in a slot of its own."""
+    key = "n" if r.n is not None else "n_cmpl"
+    n = _or(r.n, _or(r.n_cmpl, 1))
+    if n > n_parallel:
+        raise bad_request(f"'{key}' is {n}, more than the number of slots ({n_parallel}); "
+                          f"start the server with a larger -np/--parallel")
+    return n
+
+
+def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = False,
+                allow_n: bool = False) -> TaskParams:
     """The generating endpoints' options (the OpenAI routes' own names included) -> TaskParams."""
     s = state.settings
     assert state.model is not None
@@ -122,9 +133,8 @@ def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = Fa
     n_predict = next((v for v in (r.n_predict, r.max_tokens, r.max_completion_tokens) if v is not None),
                      s.n_predict)
     n_probs = _n_probs(r, oai_chat)
-    n = _or(r.n, _or(r.n_cmpl, 1))
-    if n != 1:
-        raise bad_request("only one completion choice is supported ('n' must be 1)")
+    if n_choices(r, s.n_parallel) != 1 and not allow_n:
+        raise bad_request("only one completion choice is supported here ('n' must be 1)")
     try:
         stop_regex = re.compile(r.stop_regex) if r.stop_regex else None
     except re.error as e:

@@ -15,7 +15,7 @@ from .checks import generation_settings, pick_fields, tokenize_off_loop
 from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import CONTENT_TYPE
-from .params import check_context, task_params
+from .params import check_context, n_choices, task_params
 from .schemas import ApplyTemplateRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
@@ -112,12 +112,13 @@ async def start_completion(request: Request, r: CompletionRequest) -> tuple[Serv
     """The shared start of /completion and /v1/completions: parameters, tokenize, check, enqueue."""
     st = _ready(request)
     assert st.model is not None and st.engine is not None
-    params = task_params(r, st)
+    params = task_params(r, st, allow_n=True)
+    n = n_choices(r, st.settings.n_parallel)
     if r.prompt is None:
         raise bad_request("'prompt' is required")
     prompts = await tokenize_off_loop(r.prompt, st.model.tokenizer, st.engine.n_ctx_slot)
     check_context(prompts, params, st.engine.n_ctx_slot)
-    sub = Submission(st, request, prompts, params)
+    sub = Submission(st, request, prompts, params, n)
     sub.start()
     return st, params, sub
 

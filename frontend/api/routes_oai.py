@@ -6,6 +6,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
 from .chatreq import prepare_chat
+from .choices import UsageTail, merge
 from .formats import (
     chat_completion,
     chat_delta,
@@ -13,9 +14,9 @@ from .formats import (
     chat_final_chunks,
     chat_first_chunk,
     completion_id,
-    oai_completion,
-    oai_completion_chunk,
 )
+from .legacy_logprobs import CompletionReply, echo_parts
+from .params import n_choices
 from .routes_native import _collect, _ready, _state, start_completion, stream_events
 from .schemas import ChatRequest, CompletionRequest
 from .stream import Submission
@@ -35,16 +36,15 @@ async def completions(request: Request, r: CompletionRequest) -> Response:
     st, params, sub = await start_completion(request, r)
     model = r.model or st.settings.model_name
     cid = completion_id()
+    try:
+        echo = await echo_parts(st, r, sub, params.n_probs)
+    except BaseException:
+        sub.close()
+        raise
+    out = CompletionReply(echo, params, sub.n, len(sub.tasks), st.model.tokenizer, cid, model)   # type: ignore[union-attr]
     if not params.stream:
-        return JSONResponse(oai_completion(await _collect(sub), cid, model))
-
-    def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
-        if isinstance(ev, FinalEvent):
-            return [oai_completion_chunk(None, ev, cid, model, params.post_sampling_probs)]
-        if not ev.text and not ev.probs:
-            return []
-        return [oai_completion_chunk(ev, None, cid, model, params.post_sampling_probs)]
-
+        return JSONResponse(out.reply(await _collect(sub)))
+    fmt = out.chunks
     return await stream_events(sub, fmt, done=True)
 
 
@@ -52,28 +52,35 @@ async def completions(request: Request, r: CompletionRequest) -> Response:
 @router.post("/chat/completions")
 async def chat_completions(request: Request, r: ChatRequest) -> Response:
     st = _ready(request)
-    req = await prepare_chat(st, r)
+    req = await prepare_chat(st, r, allow_n=True)
     spec, params, prompt = req.spec, req.params, req.prompt
+    n = n_choices(r, st.settings.n_parallel)
     model = r.model or st.settings.model_name
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
     cid = completion_id()
-    sub = Submission(st, request, [prompt], params)
+    sub = Submission(st, request, [prompt], params, n)
     sub.start()
     if not params.stream:
-        reply = chat_completion((await _collect(sub))[0], cid, model)
-        return JSONResponse(shape_reply(reply, spec) if spec is not None else reply)
+        finals = await _collect(sub)
+        replies = [chat_completion(f, cid, model) for f in finals]
+        if spec is not None:
+            replies = [shape_reply(r, spec) for r in replies]
+        return JSONResponse(replies[0] if n == 1 else merge(replies, finals, n))
+    tail = UsageTail(n, n, cid, model) if include_usage and n > 1 else None
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
+            last = chat_final_chunks(ev, cid, model, include_usage and tail is None)
+            if tail is not None:
+                last += tail.add(ev)
             if spec is None:
-                return chat_final_chunks(ev, cid, model, include_usage)
+                return last
             deltas, calls = stream_deltas(ev.content, spec)      # held back until it parses
-            last = chat_final_chunks(ev, cid, model, include_usage)
             last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
-            return [chat_delta(cid, model, d) for d in deltas] + last
+            return [chat_delta(cid, model, d, ev.index) for d in deltas] + last
         if spec is not None:
             return []
         chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
         return [chunk] if chunk is not None else []
 
-    return await stream_events(sub, fmt, [chat_first_chunk(cid, model)], done=True)
+    return await stream_events(sub, fmt, [chat_first_chunk(cid, model, i) for i in range(n)], done=True)

@@ -152,7 +152,7 @@ class CompletionRequest(CompletionOptions):
     """POST /completion and /v1/completions. `prompt`: "text", [ids], [ids and "text" mixed], an
     object {"prompt_string": ...}, or an array of those (several prompts)."""
     prompt: Any = None
-    logprobs: Annotated[Flag | Int | None, BeforeValidator(_cap_probs)] = None
+    logprobs: Flag | Annotated[Int, Field(ge=0, le=20)] | None = None     # OpenAI's legacy top-N, 0..20
     return_progress: Flag | None = None
     echo: Flag | None = None
 

@@ -14,7 +14,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..engine import ErrorEvent, Event, FinalEvent, PartialEvent, Task, TaskParams
+from ..engine import ErrorEvent, Event, FinalEvent, PartialEvent, TaskParams
+from ..engine.fork import choice_tasks
 from .errors import APIError
 from .metrics import RequestClock
 from .state import ServerState
@@ -30,7 +31,8 @@ _DISCONNECTED = object()
 
 
 class Submission:
-    def __init__(self, state: ServerState, request: Request, prompts: list[list[int]], params: TaskParams) -> None:
+    def __init__(self, state: ServerState, request: Request, prompts: list[list[int]], params: TaskParams,
+                 n: int = 1) -> None:
         if state.engine is None:
             raise APIError(503, "Loading model", "unavailable_error")
         self.engine = state.engine
@@ -38,7 +40,8 @@ class Submission:
         self.timeout = state.settings.timeout
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.tasks = [Task(p, params, self._sink, index=i) for i, p in enumerate(prompts)]
+        self.n = n      # choices per prompt: task index = prompt index * n + choice (engine/fork.py)
+        self.tasks = [t for i, p in enumerate(prompts) for t in choice_tasks(p, params, n, self._sink, i * n)]
         self.open = set(range(len(self.tasks)))
         self.clocks = [RequestClock(state.observer) for _ in self.tasks]   # the /metrics histograms
         self._watch: asyncio.Task[None] | None = None

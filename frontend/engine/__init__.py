@@ -2,7 +2,8 @@
 layer ranges on backends by `placement` and steps them, micro-batch by micro-batch), `kv_cells`
 keeps the KV-cache bookkeeping, and `engine` is the one loop that owns the model: slots
 (`slot`), continuous batching under a step budget (`budget`), stop strings (`text`), tasks and
-their events (`task`). Every generation goes through it: the HTTP API and the one-shot CLI submit
+their events (`task`), `n` > 1 choices sharing one prefill (`fork`), an echoed prompt's
+logprobs (`prompt_probs`). Every generation goes through it: the HTTP API and the one-shot CLI submit
 tasks and read their events. `probe` gives the logits of a token sequence for fidelity checks.
 The engine builds on `model/` and `sampling/`; it knows no HTTP and no command line."""
 from .engine import Engine, EngineConfig, EngineMetrics

@@ -30,6 +30,7 @@ from llamarpc.proto.errors import BackendError, NodeUnavailable
 from ..sampling import Sampler
 from ..sampling.dry import dry_breakers
 from .budget import StepBudget
+from .fork import Forks
 from .kv_cells import KVCells
 from .loader import Model
 from .pipeline import Pipeline
@@ -100,6 +101,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self.health_error: str | None = None
         self.recovery = Recovery(cfg.node_grace)
+        self.forks = Forks()            # n > 1: children waiting for their leader's prompt
         self._inbox: queue.Queue[Task | None] = queue.Queue()
         self._pending: collections.deque[Task] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -208,6 +210,7 @@ class Engine:
                 if self._stopping:
                     break
                 self._drop_cancelled()
+                self.forks.check(self.slots)
                 self._run_calls()
                 if self.health_error is not None:
                     self._recover()
@@ -272,19 +275,26 @@ class Engine:
                     self._pending.popleft()
                     self._emit(task, ErrorEvent(task.index, 503, self.health_error, "unavailable_error"))
                     continue
+            group = self.forks.group(task, self._pending)
+            if group is None or len(group) > len(free):
+                return      # n > 1: all its choices start together, each in a slot of its own
             slot = self._pick_slot(task, free)
             if slot is None:
                 return
-            self._pending.popleft()
-            try:
-                self._launch(slot, task)
-            except ValueError as e:
-                slot.release()
-                self._emit(task, ErrorEvent(task.index, 400, str(e), "invalid_request_error"))
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("task %d could not start", task.id)
-                slot.release()
-                self._emit(task, ErrorEvent(task.index, 500, f"{type(e).__name__}: {e}", "server_error"))
+            others = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)
+            for t, sl in zip(group, [slot, *others]):
+                self._pending.remove(t)
+                try:
+                    self._launch(sl, t)
+                    if t is not task:
+                        self.forks.park(sl, task, self.kv)
+                except ValueError as e:
+                    sl.release()
+                    self._emit(t, ErrorEvent(t.index, 400, str(e), "invalid_request_error"))
+                except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                    log.exception("task %d could not start", t.id)
+                    sl.release()
+                    self._emit(t, ErrorEvent(t.index, 500, f"{type(e).__name__}: {e}", "server_error"))
 
     def _pick_slot(self, task: Task, free: list[Slot]) -> Slot | None:
         want = task.params.id_slot
@@ -326,7 +336,7 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------------
     def _step(self) -> None:
-        busy = [s for s in self.slots if s.busy]
+        busy = [s for s in self.slots if s.busy and not self.forks.waiting(s)]
         dec = [s for s in busy if s.state == SlotState.GENERATING and len(s.todo) == 1]
         pre = sorted((s for s in busy if s not in dec),
                      key=lambda s: s.task.t_arrival if s.task is not None else 0.0)
@@ -391,21 +401,25 @@ class Engine:
             m.n_tokens_max = max(m.n_tokens_max, len(s.cache))
             task = s.task
             assert task is not None
+            kids: list[Slot] = []
             if s.state == SlotState.PROMPT and not s.todo:
                 s.prompt_done()
                 m.n_prompt_tokens_processed_total += len(task.prompt) - s.n_cached
                 m.t_prompt_processing_total += s.t_prompt_done - s.t_start
+                kids = self.forks.prompt_done(s, self.slots, self.kv, self.model.pipeline)
                 if not s.wants_logits:
-                    self._finish(s, s.final("limit"))
+                    for k in (s, *kids):
+                        self._finish(k, k.final("limit"))
                     continue
             if not out:
                 continue
-            events, final = s.on_logits(logits[row], self.tokenizer)
+            for k in (s, *kids):    # the choices of one prompt sample the same row, each its own way
+                events, final = k.on_logits(logits[row], self.tokenizer)   # the sampler copies the row
+                for ev in events:
+                    self._emit(k.task, ev)
+                if final is not None:
+                    self._finish(k, final)
             row += 1
-            for ev in events:
-                self._emit(task, ev)
-            if final is not None:
-                self._finish(s, final)
 
     def _finish(self, s: Slot, final: Event) -> None:
         task = s.task

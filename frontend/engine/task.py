@@ -143,6 +143,8 @@ class Task:
         self.params = params
         self.sink = sink
         self.t_arrival = time.perf_counter()
+        self.parent: Task | None = None         # n > 1: the choice whose prompt cells this one copies (fork.py)
+        self.children: list[Task] = []
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
