@@ -331,7 +331,7 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
             q, k, v, kc, vc, cells, tpos, tseq, kvp, kvs = a[:10]
             n = shape(q)[0] if len(shape(q)) == 2 else -1
             kvw = at.n_head_kv * at.head_dim
-            if (n <= 0 or at.n_head_kv <= 0 or at.head_dim <= 0 or at.n_head % at.n_head_kv
+            if (n <= 0 or at.non_causal or at.n_head_kv <= 0 or at.head_dim <= 0 or at.n_head % at.n_head_kv
                     or any(stored(i) or not f32(i) for i in (q, k, v))
                     or shape(q) != (n, at.n_head * at.head_dim) or shape(k) != (n, kvw) or shape(v) != (n, kvw)
                     or not all(i32(i) and shape(i) == (n,) for i in (cells, tpos, tseq))

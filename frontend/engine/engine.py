@@ -107,6 +107,8 @@ class Engine:
         self._dry_cache: dict[tuple[str, ...], dict[int, list[tuple[int, ...]]]] = {}
         self._lock = threading.Lock()   # guards _dry_cache for callers on other threads
         self.embedder: object | None = None     # an embed.Embedder with --embeddings
+        # an encoder (bert) has no logits: embeddings and rerank only, no warm-up decode
+        self.encoder_only = bool(getattr(model.pipeline.arch, "ENCODER_ONLY", False))
         self._calls: queue.Queue[tuple[Callable[[Engine], object], concurrent.futures.Future]] = queue.Queue()
 
     # -- API for handlers (any thread) ------------------------------------------------------------
@@ -190,7 +192,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.config.warmup:
+        if self.config.warmup and not self.encoder_only:
             try:
                 self._warmup()
             except BackendError as e:
@@ -262,6 +264,11 @@ class Engine:
                     self._pending.popleft()
                     self._emit(task, ErrorEvent(task.index, 503, self.health_error, "unavailable_error"))
                     continue
+            if self.encoder_only:
+                self._pending.popleft()
+                self._emit(task, ErrorEvent(task.index, 501, f"{self.model.args.arch} is an encoder: it serves "
+                                            "embeddings and rerank, not completions", "not_supported_error"))
+                continue
             slot = self._pick_slot(task, free)
             if slot is None:
                 return
