@@ -126,8 +126,11 @@ class Program:
                     self._fail(rc, self.seg_steps[seg_no], plan)
                 seg_no += 1
                 continue
-            if c is None:
-                c = ctx_factory(list(self.views))
+            if c is None:   # a Python step sees the dynamic inputs at this Compute's length, not the slot's
+                vals = list(self.views)
+                for i in self.caps:
+                    vals[i] = self.views[i][:inputs[i].shape[0]]
+                c = ctx_factory(vals)
             out = kernels[seg.kind](c, seg)
             outs = (out,) if len(seg.outs) == 1 else out
             for v, o in zip(seg.outs, outs):

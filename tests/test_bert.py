@@ -1,0 +1,202 @@
+"""The bert architecture: the WordPiece tokenizer as llama.cpp's WPM, the encoder's embeddings
+(pooling none / cls / mean) and rerank scores (classification head) on synthetic bert GGUFs
+against the float64 numpy reference (tests/synth_bert.py), over one node and split over two, with
+and without compiled programs; the HTTP routes on a bert model."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from llamarpc.client.local import LocalBackend
+from llamarpc.frontend.api.routes_embed import rerank_tokens
+from llamarpc.frontend.engine.embed import Embedder, attach_embedder
+from llamarpc.frontend.engine.engine import Engine, EngineConfig
+from llamarpc.frontend.engine.loader import load_model
+from llamarpc.frontend.model.tokenizer import Tokenizer
+from llamarpc.frontend.model.tokenizer_wpm import split_words
+from llamarpc.rpcserver import program
+from llamarpc.rpcserver.node import Node
+from serverproc import start_server
+from synth_bert import bert_reference, rank_reference, write_bert
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return write_bert(tmp_path_factory.mktemp("bert") / "bert.gguf", seed=3)
+
+
+def _tok(m) -> Tokenizer:
+    return Tokenizer.from_gguf(str(m.path))
+
+
+def _pieces(tok: Tokenizer, text: str, **kw) -> list[str]:
+    return [tok.tokens[i] for i in tok.encode(text, **kw)]
+
+
+# -- tokenizer --------------------------------------------------------------------------------------
+
+def test_wpm_words():
+    assert split_words("Hello,  World!\tCafé's 中文x") == ["hello", ",", "world", "!", "cafe\u0301", "'", "s", "中", "文", "x"]
+    assert split_words("a\x00b\x07c\ufffd d") == ["abc", "d"]       # NUL, controls and U+FFFD dropped
+    assert split_words("   ") == []
+    assert split_words("x+y=z") == ["x", "+", "y", "=", "z"]          # ASCII symbols split
+
+
+def test_wpm_tokenizer(bert):
+    tok = _tok(bert)
+    assert _pieces(tok, "Hello, world!") == ["[CLS]", "▁hello", "▁,", "▁world", "▁!", "[SEP]"]
+    # greedy longest match from the left, continuations bare; "cats" is a word of its own
+    assert _pieces(tok, "cats playing dogs", add_special=False) == ["▁cats", "▁play", "ing", "▁dog", "s"]
+    assert _pieces(tok, "cated", add_special=False) == ["▁cat", "ed"]
+    # a word with an unmatched part is [UNK] as a whole; CJK ideographs are words of their own
+    assert _pieces(tok, "the catq 中文", add_special=False) == ["▁the", "[UNK]", "▁中", "▁文"]
+    assert _pieces(tok, "THE Mat.", add_special=False) == ["▁the", "▁mat", "▁."]
+    # special tokens in the text are parsed (control tokens only with parse_special)
+    assert _pieces(tok, "cat [SEP] dog", add_special=False) == ["▁cat", "[SEP]", "▁dog"]
+    assert "[SEP]" not in _pieces(tok, "cat [SEP] dog", add_special=False, parse_special=False)
+    assert tok.bos_id == tok.tokens.index("[CLS]") and tok.add_bos and tok.add_sep and not tok.add_eos
+    assert tok.decode(tok.encode("hello world", add_special=False)).strip() == "hello world"
+
+
+def test_wpm_add_sep_flag(tmp_path):
+    m = write_bert(tmp_path / "nosep.gguf", n_layer=1, add_sep=False)
+    assert _pieces(_tok(m), "hello") == ["[CLS]", "▁hello"]
+
+
+def test_rerank_pair_tokens(bert):
+    """llama-server's format_rerank on a bert vocabulary: [CLS] query [SEP] doc (add_bos, add_sep;
+    no add_eos)."""
+    tok = _tok(bert)
+    q, d = tok.encode("cat", add_special=False), tok.encode("the mat", add_special=False)
+    assert [tok.tokens[i] for i in rerank_tokens(tok, q, d)] == ["[CLS]", "▁cat", "[SEP]", "▁the", "▁mat"]
+
+
+# -- the encoder ------------------------------------------------------------------------------------
+
+def _engine(path, backends, **kw):
+    model = load_model(str(path), backends, **kw)
+    eng = Engine(model, EngineConfig(warmup=True, n_ubatch=64))   # an encoder skips the warm-up decode
+    eng.start()
+    return model, eng
+
+
+def _run(eng, inputs):
+    return eng.call(lambda e: e.embedder.run(e, inputs)).result(timeout=120)
+
+
+INPUTS = ["Hello, world! The cats sat on the mat.", "dog playing", "a b c x y z"]
+
+
+def _check_poolings(m, model, eng):
+    tok = model.tokenizer
+    ids = [tok.encode(t) for t in INPUTS]
+    refs = [bert_reference(m, x) for x in ids]
+    assert attach_embedder(model, eng, None).pooling == 2          # the GGUF's bert.pooling_type (cls)
+    for name, want in (("none", refs), ("cls", [r[0] for r in refs]), ("mean", [r.mean(0) for r in refs])):
+        attach_embedder(model, eng, name)
+        got = _run(eng, ids)                                        # one batch: three sequences at once
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+    mean = _run(eng, ids[:1])[0]
+    attach_embedder(model, eng, "cls")
+    assert np.abs(_run(eng, ids[:1])[0] - mean).max() > 1e-2          # cls and mean are not the same vector
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.Q8_0])
+def test_embeddings_against_reference(tmp_path, qtype):
+    m = write_bert(tmp_path / "b.gguf", qtype, seed=1)
+    model, eng = _engine(m.path, [LocalBackend()])
+    try:
+        _check_poolings(m, model, eng)
+    finally:
+        eng.stop()
+        model.close()
+
+
+def test_split_over_two_nodes_equals_reference(tmp_path):
+    m = write_bert(tmp_path / "b3.gguf", n_layer=3, seed=2, token_types=False)
+    model, eng = _engine(m.path, [LocalBackend(), LocalBackend()], tensor_split=[1, 2])
+    try:
+        assert [len(s.layers) for s in model.pipeline.stages] == [1, 2]
+        _check_poolings(m, model, eng)
+    finally:
+        eng.stop()
+        model.close()
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_programs_equal_step_by_step(bert, monkeypatch, enabled):
+    """Small batches are compiled: the non-causal attention is no compiled record, it runs as a
+    Python step between them, with the same result."""
+    monkeypatch.setattr(program, "ENABLED", enabled)
+    node = Node()
+    model, eng = _engine(bert.path, [LocalBackend(node=node)])
+    try:
+        attach_embedder(model, eng, "none")
+        ids = [model.tokenizer.encode(t) for t in ("cat", "dog sat")]
+        for _ in range(3):
+            got = _run(eng, ids)
+        for g, x in zip(got, ids):
+            np.testing.assert_allclose(g, bert_reference(bert, x), atol=2e-5, rtol=1e-4)
+        progs = [p for graphs in node._graphs.values() for plan in graphs.values()
+                 for p in plan.programs.values() if p is not None]
+        assert bool(progs) == enabled and all(p.runs for p in progs)
+    finally:
+        eng.stop()
+        model.close()
+
+
+@pytest.mark.parametrize("head", ["two-layer", "output-only"])
+def test_rerank_head_against_reference(tmp_path, head):
+    m = write_bert(tmp_path / "rr.gguf", cls=head == "two-layer", cls_out=1, seed=4)
+    model, eng = _engine(m.path, [LocalBackend()])
+    try:
+        eng.embedder = Embedder(model, 4)
+        tok = model.tokenizer
+        q = tok.encode("cat", add_special=False)
+        pairs = [rerank_tokens(tok, q, tok.encode(d, add_special=False)) for d in ("the cat sat", "dog", "mat")]
+        got = _run(eng, pairs)
+        for g, p in zip(got, pairs):
+            assert g.shape == (1,)
+            np.testing.assert_allclose(g, rank_reference(m, p), atol=2e-5, rtol=1e-4)
+    finally:
+        eng.stop()
+        model.close()
+
+
+def test_http_embeddings_rerank_and_no_completions(tmp_path):
+    m = write_bert(tmp_path / "http.gguf", cls=True, cls_out=1, seed=6)
+    srv, url = start_server(["-m", str(m.path), "-c", "64", "-np", "2", "-ub", "64", "--embeddings"])
+    http = httpx.Client(base_url=url, timeout=60)
+    try:
+        r = http.post("/v1/embeddings", json={"input": INPUTS[:2]})
+        assert r.status_code == 200, r.text
+        vecs = [np.array(d["embedding"]) for d in r.json()["data"]]
+        tok = _tok(m)
+        for v, t in zip(vecs, INPUTS[:2]):
+            ref = bert_reference(m, tok.encode(t))[0]                   # the GGUF's cls pooling
+            assert abs(np.linalg.norm(v) - 1) < 1e-5
+            np.testing.assert_allclose(v, ref / np.linalg.norm(ref), atol=2e-5)
+        assert np.abs(vecs[0] - vecs[1]).max() > 1e-2
+        r = http.post("/completion", json={"prompt": "hello", "n_predict": 2})
+        assert r.status_code == 501 and "encoder" in r.json()["error"]["message"], r.text
+    finally:
+        http.close()
+        srv.stop()
+    srv, url = start_server(["-m", str(m.path), "-c", "64", "-np", "2", "-ub", "64", "--reranking"])
+    http = httpx.Client(base_url=url, timeout=60)
+    try:
+        docs = ["the cat sat", "dog", "hello world", "mat"]
+        r = http.post("/v1/rerank", json={"query": "cat", "documents": docs})
+        assert r.status_code == 200, r.text
+        q = tok.encode("cat", add_special=False)
+        want = {i: float(rank_reference(m, rerank_tokens(tok, q, tok.encode(d, add_special=False)))[0])
+                for i, d in enumerate(docs)}
+        res = r.json()["results"]
+        assert [x["index"] for x in res] == sorted(want, key=lambda i: -want[i])
+        for x in res:
+            assert abs(x["relevance_score"] - want[x["index"]]) < 1e-4
+    finally:
+        http.close()
+        srv.stop()
