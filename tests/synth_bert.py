@@ -123,3 +123,76 @@ def rank_reference(m: ArchModel, tokens: list[int]) -> np.ndarray:
     if "cls.output.weight" in W:
         x = W["cls.output.weight"] @ x + W["cls.output.bias"]
     return x
+
+
+def write_nomic_bert(path: Path, qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                     n_ff: int = 96, rope_base: float = 1000.0, pooling: int = 1, seed: int = 0) -> ArchModel:
+    """nomic-bert: no position_embd (neox rope of Q/K), fused attn_qkv, SwiGLU FFN, no projection
+    biases; LayerNorms with biases."""
+    rng = np.random.default_rng(seed)
+    tokens, types = bert_vocab()
+    hp = dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_ff=n_ff, eps=1e-12, rope_base=rope_base,
+              n_vocab=len(tokens))
+    w = gguf.GGUFWriter(str(path), "nomic-bert")
+    w.add_block_count(n_layer)
+    w.add_context_length(128)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_rope_freq_base(rope_base)
+    w.add_pooling_type(gguf.PoolingType(pooling))
+    w.add_tokenizer_model("bert")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for key, name in (("cls_token_id", "[CLS]"), ("seperator_token_id", "[SEP]"), ("unknown_token_id", "[UNK]")):
+        w.add_uint32(f"tokenizer.ggml.{key}", tokens.index(name))
+    weights: dict[str, np.ndarray] = {}
+    add = _adder(w, rng, weights)
+    add("token_embd.weight", (len(tokens), n_embd), qtype, 1.0)
+    add("token_types.weight", (2, n_embd), T.F32, 0.5)
+    add("token_embd_norm.weight", (n_embd,), T.F32, shift=1.0)
+    add("token_embd_norm.bias", (n_embd,), T.F32)
+    for i in range(n_layer):
+        p = f"blk.{i}"
+        for name, shape in (("attn_qkv", (3 * n_embd, n_embd)), ("attn_output", (n_embd, n_embd)),
+                            ("ffn_gate", (n_ff, n_embd)), ("ffn_up", (n_ff, n_embd)), ("ffn_down", (n_embd, n_ff))):
+            add(f"{p}.{name}.weight", shape, qtype)
+        for name in ("attn_output_norm", "layer_output_norm"):
+            add(f"{p}.{name}.weight", (n_embd,), T.F32, shift=1.0)
+            add(f"{p}.{name}.bias", (n_embd,), T.F32)
+    _finish(w)
+    return ArchModel(path, "nomic-bert", weights, hp)
+
+
+def _rope_neox(x: np.ndarray, base: float) -> np.ndarray:
+    """x [n, h, d] rotated by position (0..n-1): pairs (i, i + d/2), theta = pos * base^(-2i/d)."""
+    n, _, d = x.shape
+    theta = np.arange(n)[:, None] * base ** (-2.0 * np.arange(d // 2) / d)
+    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    x0, x1 = x[..., :d // 2], x[..., d // 2:]
+    return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
+
+
+def nomic_bert_reference(m: ArchModel, tokens: list[int]) -> np.ndarray:
+    W = {k: v.astype(np.float64) for k, v in m.weights.items()}
+    hp = m.hp
+    n, h, e = len(tokens), hp["n_head"], hp["n_embd"]
+    d = e // h
+    x = _ln(W["token_embd.weight"][tokens] + W["token_types.weight"][0], W["token_embd_norm.weight"],
+            W["token_embd_norm.bias"], hp["eps"])
+    for i in range(hp["n_layer"]):
+        p = f"blk.{i}"
+        qkv = x @ W[f"{p}.attn_qkv.weight"].T
+        q, k, v = (qkv[:, j * e:(j + 1) * e].reshape(n, h, d) for j in range(3))
+        q, k = _rope_neox(q, hp["rope_base"]), _rope_neox(k, hp["rope_base"])
+        s = np.einsum("thd,uhd->htu", q, k) / math.sqrt(d)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = np.einsum("htu,uhd->thd", s / s.sum(-1, keepdims=True), v).reshape(n, e)
+        x = _ln(a @ W[f"{p}.attn_output.weight"].T + x, W[f"{p}.attn_output_norm.weight"],
+                W[f"{p}.attn_output_norm.bias"], hp["eps"])
+        g = x @ W[f"{p}.ffn_gate.weight"].T
+        f = (g / (1 + np.exp(-g)) * (x @ W[f"{p}.ffn_up.weight"].T)) @ W[f"{p}.ffn_down.weight"].T
+        x = _ln(f + x, W[f"{p}.layer_output_norm.weight"], W[f"{p}.layer_output_norm.bias"], hp["eps"])
+    return x

@@ -18,7 +18,7 @@ from llamarpc.frontend.model.tokenizer_wpm import split_words
 from llamarpc.rpcserver import program
 from llamarpc.rpcserver.node import Node
 from serverproc import start_server
-from synth_bert import bert_reference, rank_reference, write_bert
+from synth_bert import bert_reference, nomic_bert_reference, rank_reference, write_bert, write_nomic_bert
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,22 @@ def test_http_embeddings_rerank_and_no_completions(tmp_path):
     finally:
         http.close()
         srv.stop()
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.Q8_0])
+def test_nomic_bert_against_reference(tmp_path, qtype):
+    m = write_nomic_bert(tmp_path / "nomic.gguf", qtype, seed=7)
+    model, eng = _engine(m.path, [LocalBackend()])
+    try:
+        tok = model.tokenizer
+        ids = [tok.encode(t) for t in INPUTS]
+        assert attach_embedder(model, eng, None).pooling == 1              # the GGUF's (mean)
+        got = _run(eng, ids)
+        for g, x in zip(got, ids):
+            np.testing.assert_allclose(g, nomic_bert_reference(m, x).mean(0), atol=2e-5, rtol=1e-4)
+        attach_embedder(model, eng, "none")
+        rows = _run(eng, ids[:1])[0]
+        np.testing.assert_allclose(rows, nomic_bert_reference(m, ids[0]), atol=2e-5, rtol=1e-4)
+    finally:
+        eng.stop()
+        model.close()

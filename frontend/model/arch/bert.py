@@ -44,6 +44,7 @@ class BertArgs:
     norm_eps: float
     pooling: int                   # GGUF's pooling_type: 0 none, 1 mean, 2 cls, 3 last, 4 rank
     token_types: bool              # token_types.weight present (row 0 is added)
+    rope_base: float = 0.0         # > 0: rotary positions (nomic-bert) instead of position_embd
     tied_output: bool = False
 
     def __post_init__(self) -> None:
@@ -101,15 +102,17 @@ def layer_tensor_names(args: BertArgs, i: int) -> list[str]:
     return [f"blk.{i}.{n}.{k}" for n in LAYER_TENSORS for k in ("weight", "bias")]
 
 
-def tensor_names(args: BertArgs, layers: range, first: bool, last: bool) -> list[str]:
+def tensor_names(args: BertArgs, layers: range, first: bool, last: bool,
+                 layer_names: Callable[[BertArgs, int], list[str]] = layer_tensor_names) -> list[str]:
     """The embeddings and their norm on the first stage, the layers; no output norm or head (the
     classification head is the embedder's, uploaded when --pooling rank needs it)."""
-    names = ["token_embd.weight", "position_embd.weight", "token_embd_norm.weight", "token_embd_norm.bias"] \
-        if first else []
+    names = ["token_embd.weight", "token_embd_norm.weight", "token_embd_norm.bias"] if first else []
+    if first and args.rope_base <= 0:
+        names.append("position_embd.weight")
     if first and args.token_types:
         names.append("token_types.weight")
     for i in layers:
-        names += layer_tensor_names(args, i)
+        names += layer_names(args, i)
     return names
 
 
@@ -126,7 +129,8 @@ def embed_inputs(gb: GraphBuilder, args: BertArgs, w: Callable[[str], Value], s:
     x = gb.get_rows(w("token_embd.weight"), gb.input("tokens", GGMLType.I32, ("n",)))
     if args.token_types:
         x = gb.add(x, gb.rows(w("token_types.weight"), 0, 1))
-    x = gb.add(gb.get_rows(w("position_embd.weight"), s.pos), x)
+    if args.rope_base <= 0:
+        x = gb.add(gb.get_rows(w("position_embd.weight"), s.pos), x)
     return _norm(gb, x, w, "token_embd_norm", args.norm_eps)
 
 
@@ -139,31 +143,42 @@ def build_layer(gb: GraphBuilder, args: BertArgs, i: int, x: Value, w: Callable[
     a = gb.attention(q, k, v, kv[0], kv[1], s.cells, s.pos, s.seq, s.kv_pos, s.kv_seq,
                      n_head=args.n_head, n_head_kv=args.n_head, head_dim=args.head_dim,
                      scale=args.head_dim ** -0.5, causal=False)
-    x = _norm(gb, gb.add(_linear(gb, a, w, f"{p}.attn_output"), x), w, f"{p}.attn_output_norm", args.norm_eps)
-    f = _linear(gb, gb.gelu(_linear(gb, x, w, f"{p}.ffn_up")), w, f"{p}.ffn_down")
-    return _norm(gb, gb.add(f, x), w, f"{p}.layer_output_norm", args.norm_eps)
+    return attn_out_and_ffn(gb, args, i, x, _linear(gb, a, w, f"{p}.attn_output"), w,
+                            lambda h: _linear(gb, gb.gelu(_linear(gb, h, w, f"{p}.ffn_up")), w, f"{p}.ffn_down"))
+
+
+def attn_out_and_ffn(gb: GraphBuilder, args: BertArgs, i: int, x: Value, a: Value, w: Callable[[str], Value],
+                     ffn: Callable[[Value], Value]) -> Value:
+    """The post-norm rest of a layer from its projected attention output `a`: add & LayerNorm, the
+    FFN, add & LayerNorm."""
+    p = f"blk.{i}"
+    x = _norm(gb, gb.add(a, x), w, f"{p}.attn_output_norm", args.norm_eps)
+    return _norm(gb, gb.add(ffn(x), x), w, f"{p}.layer_output_norm", args.norm_eps)
+
+
+Layer = Callable[[GraphBuilder, BertArgs, int, Value, Callable[[str], Value], tuple[Value, Value], StepInputs], Value]
 
 
 def _layers(gb: GraphBuilder, args: BertArgs, layers: range, first: bool, w: Callable[[str], Value],
-            kv: Mapping[int, tuple[Value, Value]]) -> Value:
+            kv: Mapping[int, tuple[Value, Value]], layer: Layer = build_layer) -> Value:
     s = step_inputs(gb)
     x = embed_inputs(gb, args, w, s) if first else gb.input("hidden", GGMLType.F32, ("n", args.n_embd))
     for i in layers:
-        x = build_layer(gb, args, i, x, w, kv[i], s)
+        x = layer(gb, args, i, x, w, kv[i], s)
     return x
 
 
 def build_graph(gb: GraphBuilder, args: BertArgs, layers: range, first: bool, last: bool,
-                w: Callable[[str], Value], kv: Mapping[int, tuple[Value, Value]]) -> None:
+                w: Callable[[str], Value], kv: Mapping[int, tuple[Value, Value]], layer: Layer = build_layer) -> None:
     """Inputs as llama.build_graph's. Output: `hidden` (every row) on a stage that is not the last,
     else `hidden` of the `out_rows` rows: an encoder has no logits."""
-    x = _layers(gb, args, layers, first, w, kv)
+    x = _layers(gb, args, layers, first, w, kv, layer)
     if last:
         x = gb.get_rows(x, gb.input("out_rows", GGMLType.I32, ("r",)))
     gb.output("hidden", x)
 
 
 def embed_rows(gb: GraphBuilder, args: BertArgs, layers: range, first: bool, w: Callable[[str], Value],
-               kv: Mapping[int, tuple[Value, Value]]) -> Value:
+               kv: Mapping[int, tuple[Value, Value]], layer: Layer = build_layer) -> Value:
     """The rows the embedder pools (embed.py): the last layer's output, as llama.cpp's t_embd."""
-    return _layers(gb, args, layers, first, w, kv)
+    return _layers(gb, args, layers, first, w, kv, layer)
