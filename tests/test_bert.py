@@ -167,7 +167,7 @@ def test_rerank_head_against_reference(tmp_path, head):
 
 def test_http_embeddings_rerank_and_no_completions(tmp_path):
     m = write_bert(tmp_path / "http.gguf", cls=True, cls_out=1, seed=6)
-    srv, url = start_server(["-m", str(m.path), "-c", "64", "-np", "2", "-ub", "64", "--embeddings"])
+    srv, url = start_server(["-m", str(m.path), "-c", "128", "-np", "2", "-ub", "128", "--embeddings"])
     http = httpx.Client(base_url=url, timeout=60)
     try:
         r = http.post("/v1/embeddings", json={"input": INPUTS[:2]})
@@ -179,6 +179,8 @@ def test_http_embeddings_rerank_and_no_completions(tmp_path):
             assert abs(np.linalg.norm(v) - 1) < 1e-5
             np.testing.assert_allclose(v, ref / np.linalg.norm(ref), atol=2e-5)
         assert np.abs(vecs[0] - vecs[1]).max() > 1e-2
+        r = http.post("/v1/embeddings", json={"input": [5] * 65})           # past position_embd's 64 rows
+        assert r.status_code == 400 and "at most 64" in r.json()["error"]["message"], r.text
         r = http.post("/completion", json={"prompt": "hello", "n_predict": 2})
         assert r.status_code == 501 and "encoder" in r.json()["error"]["message"], r.text
     finally:

@@ -135,9 +135,13 @@ class Embedder:
         if engine.health_error is not None or any(s.lost or not s.backend.alive for s in pl.stages):
             raise NodeUnavailable(engine.health_error or "a node is unavailable", node=None)
         cap = engine.config.n_ubatch
+        n_pos = self.model.args.n_ctx_train if engine.encoder_only else 0  # type: ignore[attr-defined]
         for x in inputs:
             if not x:
                 raise EmbedError("Input content cannot be empty")
+            if n_pos and len(x) > n_pos:   # an encoder's positions end at its training context
+                raise EmbedError(f"input is too large to process: the input has {len(x)} tokens, the model "
+                                 f"takes at most {n_pos}")
             if len(x) > cap:
                 raise EmbedError(f"input is too large to process. increase the physical batch size "
                                  f"(the input has {len(x)} tokens, --ubatch-size is {cap})")

@@ -65,10 +65,6 @@ class BertArgs:
     def kv_dim(self) -> int:
         return self.n_embd
 
-    @property
-    def rms_eps(self) -> float:   # the name the generic code reads; a bert's norms are LayerNorms
-        return self.norm_eps
-
 
 def args_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> BertArgs:
     a = meta(md, "general.architecture", required=True)
