@@ -221,3 +221,23 @@ def test_nomic_bert_against_reference(tmp_path, qtype):
     finally:
         eng.stop()
         model.close()
+
+
+def test_wpm_equals_hf_wordpiece_on_ascii(bert):
+    """An independent check: HF tokenizers' WordPiece with the BERT normalizer and pre-tokenizer
+    (no accent stripping; the same vocabulary with ``##`` continuations) cuts ASCII and CJK text
+    as we do."""
+    tk = pytest.importorskip("tokenizers")
+    tok = _tok(bert)
+    vocab = {(t[1:] if t.startswith("\u2581") else t if t.startswith("[") else "##" + t): i
+             for i, t in enumerate(tok.tokens)}
+    hf = tk.Tokenizer(tk.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=1000))
+    hf.normalizer = tk.normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False,
+                                                  lowercase=True)
+    hf.pre_tokenizer = tk.pre_tokenizers.BertPreTokenizer()
+    rng = np.random.default_rng(0)
+    parts = ["The", "cat", "cats", "catsing", "dog", "dogs", "Played", "playing", "HELLO", "world", "mat", "qq", "zzz",
+             "abc", "xyz", "中文", ".", ",", "!", "?", "'", "+", "-", "(", "=", "a.b", "x,y", "c's", " ", "  ", "\t", "\n"]
+    for _ in range(200):
+        text = "".join(str(p) + str(rng.choice(["", " ", " "])) for p in rng.choice(parts, size=int(rng.integers(1, 12))))
+        assert tok.encode(text, add_special=False, parse_special=False) == hf.encode(text, add_special_tokens=False).ids, text
