@@ -241,3 +241,27 @@ def test_wpm_equals_hf_wordpiece_on_ascii(bert):
     for _ in range(200):
         text = "".join(str(p) + str(rng.choice(["", " ", " "])) for p in rng.choice(parts, size=int(rng.integers(1, 12))))
         assert tok.encode(text, add_special=False, parse_special=False) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_refuses_what_it_does_not_run():
+    from llamarpc.frontend.model.arch import bert as arch_bert
+    from llamarpc.frontend.model.arch import nomic_bert
+    md = {"general.architecture": "bert", "bert.block_count": 1, "bert.embedding_length": 8,
+          "bert.feed_forward_length": 16, "bert.attention.head_count": 2}
+    shapes = {n: (4, 8) for n in ("token_embd.weight", "position_embd.weight", "token_embd_norm.weight",
+                                   "token_embd_norm.bias")}
+    assert arch_bert.args_from_metadata(md, shapes).head_dim == 4
+    for extra_md, extra_shapes, match in (({}, {"blk.0.attn_qkv.weight": (24, 8)}, "fused attn_qkv"),
+                                          ({"bert.attention.causal": True}, {}, "causal"),
+                                          ({"bert.attention.head_count_kv": 1}, {}, "head_count_kv"),
+                                          ({"bert.attention.layer_norm_epsilon": 0.0}, {}, "epsilon")):
+        with pytest.raises(ValueError, match=match):
+            arch_bert.args_from_metadata({**md, **extra_md}, {**shapes, **extra_shapes})
+    with pytest.raises(ValueError, match="position_embd"):
+        arch_bert.args_from_metadata(md, {k: v for k, v in shapes.items() if k != "position_embd.weight"})
+    nmd = {k.replace("bert.", "nomic-bert."): v for k, v in md.items()} | {"general.architecture": "nomic-bert"}
+    nshapes = {**shapes, "blk.0.attn_qkv.weight": (24, 8)}
+    assert nomic_bert.args_from_metadata(nmd, nshapes).rope_base == 1000.0
+    for extra, match in (({"blk.0.attn_qkv.bias": (24,)}, "biases"), ({"blk.0.ffn_gate_inp.weight": (4, 8)}, "experts")):
+        with pytest.raises(ValueError, match=match):
+            nomic_bert.args_from_metadata(nmd, {**nshapes, **extra})
