@@ -334,7 +334,7 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
             q, k, v, kc, vc, cells, tpos, tseq, kvp, kvs = a[:10]
             n = shape(q)[0] if len(shape(q)) == 2 else -1
             kvw = at.n_head_kv * at.head_dim
-            if (n <= 0 or at.non_causal or at.n_head_kv <= 0 or at.head_dim <= 0 or at.n_head % at.n_head_kv
+            if (n <= 0 or at.n_head_kv <= 0 or at.head_dim <= 0 or at.n_head % at.n_head_kv
                     or any(stored(i) or not f32(i) for i in (q, k, v))
                     or shape(q) != (n, at.n_head * at.head_dim) or shape(k) != (n, kvw) or shape(v) != (n, kvw)
                     or not all(i32(i) and shape(i) == (n,) for i in (cells, tpos, tseq))
@@ -344,8 +344,13 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
             kl, vl = cpu_ops._cache_layout(raw(kc)), cpu_ops._cache_layout(raw(vc))
             if kl is None or vl is None:
                 return None
+            tpos_addr = addr(tpos)
+            if at.non_causal:   # as cpu_ops.attention (no window then: graph.py): INT32_MAX sees all its sequence
+                far = np.full(n, np.iinfo(np.int32).max, np.int32)
+                p.keep.append(far)
+                tpos_addr = far.ctypes.data
             rec = [PR_ATTENTION, addr(q), addr(k), addr(v), addr(kc), addr(vc), kl[1], vl[1], int(kl[0]), int(vl[0]),
-                   shape(kc)[0], addr(cells), addr(tpos), addr(tseq), n, addr(kvp), addr(kvs), 0, at.n_head,
+                   shape(kc)[0], addr(cells), tpos_addr, addr(tseq), n, addr(kvp), addr(kvs), 0, at.n_head,
                    at.n_head_kv, at.head_dim, _f64_bits(at.scale), at.sliding_window,
                    _f64_bits(at.softcap if at.softcap > 0 else 0.0), addr(out)]
             p.attn_work += at.n_head * n

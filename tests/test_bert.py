@@ -15,6 +15,7 @@ from llamarpc.frontend.engine.engine import Engine, EngineConfig
 from llamarpc.frontend.engine.loader import load_model
 from llamarpc.frontend.model.tokenizer import Tokenizer
 from llamarpc.frontend.model.tokenizer_wpm import split_words
+from llamarpc.proto import pb
 from llamarpc.rpcserver import program
 from llamarpc.rpcserver.node import Node
 from serverproc import start_server
@@ -125,23 +126,33 @@ def test_split_over_two_nodes_equals_reference(tmp_path):
         model.close()
 
 
-@pytest.mark.parametrize("enabled", [False, True])
-def test_programs_equal_step_by_step(bert, monkeypatch, enabled):
-    """Small batches are compiled: the non-causal attention is no compiled record, it runs as a
-    Python step between them, with the same result."""
+@pytest.mark.parametrize("enabled,compiled_attention", [(False, False), (True, True), (True, False)])
+def test_programs_equal_step_by_step(bert, monkeypatch, enabled, compiled_attention):
+    """Small batches are compiled, the non-causal attention included (a record of its own), with
+    the reference's result; an attention the program cannot compile (here: no cache layout for
+    it) runs as a Python step between the records and sees the visible cells of this Compute only."""
     monkeypatch.setattr(program, "ENABLED", enabled)
+    if enabled and not compiled_attention:
+        monkeypatch.setattr(program.cpu_ops, "_cache_layout", lambda a: None)
     node = Node()
     model, eng = _engine(bert.path, [LocalBackend(node=node)])
     try:
         attach_embedder(model, eng, "none")
         ids = [model.tokenizer.encode(t) for t in ("cat", "dog sat")]
+        seqs = [len(eng.slots), len(eng.slots) + 1]    # the embedder's sequence ids
         for _ in range(3):
             got = _run(eng, ids)
+            plans = [plan for graphs in node._graphs.values() for plan in graphs.values()]
+            for plan in plans:   # past this Compute's visible cells, a program's slot holds stale cells
+                for prog in plan.programs.values():   # that look like the first input's: never seen
+                    for i in getattr(prog, "caps", ()):
+                        prog.views[i][:] = 0 if plan.inputs[i].name == "kv_pos" else seqs[0]
         for g, x in zip(got, ids):
             np.testing.assert_allclose(g, bert_reference(bert, x), atol=2e-5, rtol=1e-4)
-        progs = [p for graphs in node._graphs.values() for plan in graphs.values()
-                 for p in plan.programs.values() if p is not None]
-        assert bool(progs) == enabled and all(p.runs for p in progs)
+        progs = [p for plan in plans for p in plan.programs.values() if p is not None]
+        assert bool(progs) == enabled and all(p.runs >= 2 for p in progs)
+        python_attention = any(getattr(s, "kind", None) == pb.ATTENTION for p in progs for s in p.segments)
+        assert python_attention == (enabled and not compiled_attention)
     finally:
         eng.stop()
         model.close()
