@@ -97,10 +97,10 @@ class GraphBuilder:
     def attention(self, q: Value, k: Value, v: Value, k_cache: Value, v_cache: Value, cells: Value,
                   tok_pos: Value, tok_seq: Value, kv_pos: Value, kv_seq: Value, *, n_head: int,
                   n_head_kv: int, head_dim: int, scale: float, sliding_window: int = 0,
-                  softcap: float = 0.0) -> Value:
+                  softcap: float = 0.0, causal: bool = True) -> Value:
         return self.op(pb.ATTENTION, q, k, v, k_cache, v_cache, cells, tok_pos, tok_seq, kv_pos, kv_seq,
                        n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, scale=scale,
-                       sliding_window=sliding_window, softcap=softcap)
+                       sliding_window=sliding_window, softcap=softcap, non_causal=not causal)
 
     def silu(self, x: Value) -> Value:
         return self.op(pb.SILU, x)

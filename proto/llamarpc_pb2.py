@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ellamarpc.proto\x12\x0bllamarpc.v1\"\x07\n\x05\x45mpty\"=\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc6\x01\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x17\n\x0fquantized_types\x18\x04 \x03(\r\x12 \n\x03ops\x18\x05 \x03(\x0e\x32\x13.llamarpc.v1.OpType\x12\x11\n\talignment\x18\x06 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x12\n\nsession_id\x18\x08 \x01(\t\"\x12\n\x10GetMemoryRequest\"6\n\x0bMemoryReply\x12\x12\n\nfree_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\"\n\x12\x41llocBufferRequest\x12\x0c\n\x04size\x18\x01 \x01(\x04\"3\n\x10\x41llocBufferReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\"\n\rBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\"6\n\x12\x43learBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r\"K\n\tTensorRef\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\x03\"a\n\x0fSetTensorHeader\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\r\n\x05\x63\x61\x63he\x18\x05 \x01(\x08\"L\n\x0eSetTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.llamarpc.v1.SetTensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x0eSetTensorReply\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"\\\n\x19SetTensorFromCacheRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"&\n\x17SetTensorFromCacheReply\x12\x0b\n\x03hit\x18\x01 \x01(\x08\"C\n\x10GetTensorRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"w\n\x11\x43opyTensorRequest\x12\x15\n\rsrc_buffer_id\x18\x01 \x01(\x04\x12\x12\n\nsrc_offset\x18\x02 \x01(\x04\x12\x15\n\rdst_buffer_id\x18\x03 \x01(\x04\x12\x12\n\ndst_offset\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x04\"\xdc\x01\n\x05\x41ttrs\x12\x0b\n\x03\x65ps\x18\x01 \x01(\x02\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x0e\n\x06n_dims\x18\x04 \x01(\x05\x12\x11\n\trope_mode\x18\x05 \x01(\x05\x12\x11\n\tfreq_base\x18\x06 \x01(\x02\x12\x12\n\nfreq_scale\x18\x07 \x01(\x02\x12\x0e\n\x06n_head\x18\x08 \x01(\x05\x12\x11\n\tn_head_kv\x18\t \x01(\x05\x12\x16\n\x0esliding_window\x18\n \x01(\x05\x12\x0f\n\x07softcap\x18\x0b \x01(\x02\x12\x0f\n\x07pooling\x18\x0c \x01(\x05\"/\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x03H\x00\x12\x10\n\x06symbol\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"I\n\nGraphInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x1f\n\x05shape\x18\x03 \x03(\x0b\x32\x10.llamarpc.v1.Dim\"X\n\x02Op\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.llamarpc.v1.OpType\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\r\x12!\n\x05\x61ttrs\x18\x03 \x01(\x0b\x32\x12.llamarpc.v1.Attrs\"*\n\x0bGraphOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r\"\xa2\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.llamarpc.v1.GraphInput\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.llamarpc.v1.TensorRef\x12\x1c\n\x03ops\x18\x03 \x03(\x0b\x32\x0f.llamarpc.v1.Op\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.llamarpc.v1.GraphOutput\"9\n\x14RegisterGraphRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.llamarpc.v1.Graph\"&\n\x12RegisterGraphReply\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\"\'\n\x13ReleaseGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\"2\n\x05\x41rray\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x12.llamarpc.v1.Array\"K\n\x0e\x43omputeRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.llamarpc.v1.NamedArray\"Q\n\x0c\x43omputeReply\x12(\n\x07outputs\x18\x01 \x03(\x0b\x32\x17.llamarpc.v1.NamedArray\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01*\xca\x01\n\x06OpType\x12\x0e\n\nOP_INVALID\x10\x00\x12\x0c\n\x08GET_ROWS\x10\x01\x12\x0c\n\x08RMS_NORM\x10\x02\x12\x0e\n\nLAYER_NORM\x10\x03\x12\n\n\x06MATMUL\x10\x04\x12\x07\n\x03\x41\x44\x44\x10\x05\x12\x07\n\x03MUL\x10\x06\x12\t\n\x05SCALE\x10\x07\x12\x08\n\x04ROPE\x10\x08\x12\r\n\tATTENTION\x10\t\x12\x08\n\x04SILU\x10\n\x12\x08\n\x04GELU\x10\x0b\x12\n\n\x06SWIGLU\x10\x0c\x12\x0b\n\x07SOFTMAX\x10\r\x12\x0b\n\x07SOFTCAP\x10\x0e\x12\x08\n\x04POOL\x10\x0f\x32\xf4\x06\n\x07\x42\x61\x63kend\x12=\n\x05Hello\x12\x19.llamarpc.v1.HelloRequest\x1a\x17.llamarpc.v1.HelloReply0\x01\x12\x44\n\tGetMemory\x12\x1d.llamarpc.v1.GetMemoryRequest\x1a\x18.llamarpc.v1.MemoryReply\x12M\n\x0b\x41llocBuffer\x12\x1f.llamarpc.v1.AllocBufferRequest\x1a\x1d.llamarpc.v1.AllocBufferReply\x12<\n\nFreeBuffer\x12\x1a.llamarpc.v1.BufferRequest\x1a\x12.llamarpc.v1.Empty\x12\x42\n\x0b\x43learBuffer\x12\x1f.llamarpc.v1.ClearBufferRequest\x1a\x12.llamarpc.v1.Empty\x12G\n\tSetTensor\x12\x1b.llamarpc.v1.SetTensorChunk\x1a\x1b.llamarpc.v1.SetTensorReply(\x01\x12\x62\n\x12SetTensorFromCache\x12&.llamarpc.v1.SetTensorFromCacheRequest\x1a$.llamarpc.v1.SetTensorFromCacheReply\x12\x46\n\tGetTensor\x12\x1d.llamarpc.v1.GetTensorRequest\x1a\x18.llamarpc.v1.TensorChunk0\x01\x12@\n\nCopyTensor\x12\x1e.llamarpc.v1.CopyTensorRequest\x1a\x12.llamarpc.v1.Empty\x12S\n\rRegisterGraph\x12!.llamarpc.v1.RegisterGraphRequest\x1a\x1f.llamarpc.v1.RegisterGraphReply\x12\x44\n\x0cReleaseGraph\x12 .llamarpc.v1.ReleaseGraphRequest\x1a\x12.llamarpc.v1.Empty\x12\x41\n\x07\x43ompute\x12\x1b.llamarpc.v1.ComputeRequest\x1a\x19.llamarpc.v1.ComputeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0ellamarpc.proto\x12\x0bllamarpc.v1\"\x07\n\x05\x45mpty\"=\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc6\x01\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x17\n\x0fquantized_types\x18\x04 \x03(\r\x12 \n\x03ops\x18\x05 \x03(\x0e\x32\x13.llamarpc.v1.OpType\x12\x11\n\talignment\x18\x06 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x12\n\nsession_id\x18\x08 \x01(\t\"\x12\n\x10GetMemoryRequest\"6\n\x0bMemoryReply\x12\x12\n\nfree_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"\"\n\x12\x41llocBufferRequest\x12\x0c\n\x04size\x18\x01 \x01(\x04\"3\n\x10\x41llocBufferReply\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\"\n\rBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\"6\n\x12\x43learBufferRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\r\"K\n\tTensorRef\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04type\x18\x03 \x01(\r\x12\r\n\x05shape\x18\x04 \x03(\x03\"a\n\x0fSetTensorHeader\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\r\n\x05\x63\x61\x63he\x18\x05 \x01(\x08\"L\n\x0eSetTensorChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1c.llamarpc.v1.SetTensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x0eSetTensorReply\x12\x15\n\rbytes_written\x18\x01 \x01(\x04\"\\\n\x19SetTensorFromCacheRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"&\n\x17SetTensorFromCacheReply\x12\x0b\n\x03hit\x18\x01 \x01(\x08\"C\n\x10GetTensorRequest\x12\x11\n\tbuffer_id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x1b\n\x0bTensorChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"w\n\x11\x43opyTensorRequest\x12\x15\n\rsrc_buffer_id\x18\x01 \x01(\x04\x12\x12\n\nsrc_offset\x18\x02 \x01(\x04\x12\x15\n\rdst_buffer_id\x18\x03 \x01(\x04\x12\x12\n\ndst_offset\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x04\"\xf0\x01\n\x05\x41ttrs\x12\x0b\n\x03\x65ps\x18\x01 \x01(\x02\x12\r\n\x05scale\x18\x02 \x01(\x02\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\x0e\n\x06n_dims\x18\x04 \x01(\x05\x12\x11\n\trope_mode\x18\x05 \x01(\x05\x12\x11\n\tfreq_base\x18\x06 \x01(\x02\x12\x12\n\nfreq_scale\x18\x07 \x01(\x02\x12\x0e\n\x06n_head\x18\x08 \x01(\x05\x12\x11\n\tn_head_kv\x18\t \x01(\x05\x12\x16\n\x0esliding_window\x18\n \x01(\x05\x12\x0f\n\x07softcap\x18\x0b \x01(\x02\x12\x0f\n\x07pooling\x18\x0c \x01(\x05\x12\x12\n\nnon_causal\x18\r \x01(\x08\"/\n\x03\x44im\x12\x0e\n\x04size\x18\x01 \x01(\x03H\x00\x12\x10\n\x06symbol\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"I\n\nGraphInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x1f\n\x05shape\x18\x03 \x03(\x0b\x32\x10.llamarpc.v1.Dim\"X\n\x02Op\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.llamarpc.v1.OpType\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\r\x12!\n\x05\x61ttrs\x18\x03 \x01(\x0b\x32\x12.llamarpc.v1.Attrs\"*\n\x0bGraphOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r\"\xa2\x01\n\x05Graph\x12\'\n\x06inputs\x18\x01 \x03(\x0b\x32\x17.llamarpc.v1.GraphInput\x12\'\n\x07tensors\x18\x02 \x03(\x0b\x32\x16.llamarpc.v1.TensorRef\x12\x1c\n\x03ops\x18\x03 \x03(\x0b\x32\x0f.llamarpc.v1.Op\x12)\n\x07outputs\x18\x04 \x03(\x0b\x32\x18.llamarpc.v1.GraphOutput\"9\n\x14RegisterGraphRequest\x12!\n\x05graph\x18\x01 \x01(\x0b\x32\x12.llamarpc.v1.Graph\"&\n\x12RegisterGraphReply\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\"\'\n\x13ReleaseGraphRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\"2\n\x05\x41rray\x12\x0c\n\x04type\x18\x01 \x01(\r\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\nNamedArray\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x61rray\x18\x02 \x01(\x0b\x32\x12.llamarpc.v1.Array\"K\n\x0e\x43omputeRequest\x12\x10\n\x08graph_id\x18\x01 \x01(\x04\x12\'\n\x06inputs\x18\x02 \x03(\x0b\x32\x17.llamarpc.v1.NamedArray\"Q\n\x0c\x43omputeReply\x12(\n\x07outputs\x18\x01 \x03(\x0b\x32\x17.llamarpc.v1.NamedArray\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01*\xca\x01\n\x06OpType\x12\x0e\n\nOP_INVALID\x10\x00\x12\x0c\n\x08GET_ROWS\x10\x01\x12\x0c\n\x08RMS_NORM\x10\x02\x12\x0e\n\nLAYER_NORM\x10\x03\x12\n\n\x06MATMUL\x10\x04\x12\x07\n\x03\x41\x44\x44\x10\x05\x12\x07\n\x03MUL\x10\x06\x12\t\n\x05SCALE\x10\x07\x12\x08\n\x04ROPE\x10\x08\x12\r\n\tATTENTION\x10\t\x12\x08\n\x04SILU\x10\n\x12\x08\n\x04GELU\x10\x0b\x12\n\n\x06SWIGLU\x10\x0c\x12\x0b\n\x07SOFTMAX\x10\r\x12\x0b\n\x07SOFTCAP\x10\x0e\x12\x08\n\x04POOL\x10\x0f\x32\xf4\x06\n\x07\x42\x61\x63kend\x12=\n\x05Hello\x12\x19.llamarpc.v1.HelloRequest\x1a\x17.llamarpc.v1.HelloReply0\x01\x12\x44\n\tGetMemory\x12\x1d.llamarpc.v1.GetMemoryRequest\x1a\x18.llamarpc.v1.MemoryReply\x12M\n\x0b\x41llocBuffer\x12\x1f.llamarpc.v1.AllocBufferRequest\x1a\x1d.llamarpc.v1.AllocBufferReply\x12<\n\nFreeBuffer\x12\x1a.llamarpc.v1.BufferRequest\x1a\x12.llamarpc.v1.Empty\x12\x42\n\x0b\x43learBuffer\x12\x1f.llamarpc.v1.ClearBufferRequest\x1a\x12.llamarpc.v1.Empty\x12G\n\tSetTensor\x12\x1b.llamarpc.v1.SetTensorChunk\x1a\x1b.llamarpc.v1.SetTensorReply(\x01\x12\x62\n\x12SetTensorFromCache\x12&.llamarpc.v1.SetTensorFromCacheRequest\x1a$.llamarpc.v1.SetTensorFromCacheReply\x12\x46\n\tGetTensor\x12\x1d.llamarpc.v1.GetTensorRequest\x1a\x18.llamarpc.v1.TensorChunk0\x01\x12@\n\nCopyTensor\x12\x1e.llamarpc.v1.CopyTensorRequest\x1a\x12.llamarpc.v1.Empty\x12S\n\rRegisterGraph\x12!.llamarpc.v1.RegisterGraphRequest\x1a\x1f.llamarpc.v1.RegisterGraphReply\x12\x44\n\x0cReleaseGraph\x12 .llamarpc.v1.ReleaseGraphRequest\x1a\x12.llamarpc.v1.Empty\x12\x41\n\x07\x43ompute\x12\x1b.llamarpc.v1.ComputeRequest\x1a\x19.llamarpc.v1.ComputeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llamarpc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPTYPE']._serialized_start=2271
-  _globals['_OPTYPE']._serialized_end=2473
+  _globals['_OPTYPE']._serialized_start=2291
+  _globals['_OPTYPE']._serialized_end=2493
   _globals['_EMPTY']._serialized_start=31
   _globals['_EMPTY']._serialized_end=38
   _globals['_HELLOREQUEST']._serialized_start=40
@@ -70,31 +70,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COPYTENSORREQUEST']._serialized_start=1088
   _globals['_COPYTENSORREQUEST']._serialized_end=1207
   _globals['_ATTRS']._serialized_start=1210
-  _globals['_ATTRS']._serialized_end=1430
-  _globals['_DIM']._serialized_start=1432
-  _globals['_DIM']._serialized_end=1479
-  _globals['_GRAPHINPUT']._serialized_start=1481
-  _globals['_GRAPHINPUT']._serialized_end=1554
-  _globals['_OP']._serialized_start=1556
-  _globals['_OP']._serialized_end=1644
-  _globals['_GRAPHOUTPUT']._serialized_start=1646
-  _globals['_GRAPHOUTPUT']._serialized_end=1688
-  _globals['_GRAPH']._serialized_start=1691
-  _globals['_GRAPH']._serialized_end=1853
-  _globals['_REGISTERGRAPHREQUEST']._serialized_start=1855
-  _globals['_REGISTERGRAPHREQUEST']._serialized_end=1912
-  _globals['_REGISTERGRAPHREPLY']._serialized_start=1914
-  _globals['_REGISTERGRAPHREPLY']._serialized_end=1952
-  _globals['_RELEASEGRAPHREQUEST']._serialized_start=1954
-  _globals['_RELEASEGRAPHREQUEST']._serialized_end=1993
-  _globals['_ARRAY']._serialized_start=1995
-  _globals['_ARRAY']._serialized_end=2045
-  _globals['_NAMEDARRAY']._serialized_start=2047
-  _globals['_NAMEDARRAY']._serialized_end=2108
-  _globals['_COMPUTEREQUEST']._serialized_start=2110
-  _globals['_COMPUTEREQUEST']._serialized_end=2185
-  _globals['_COMPUTEREPLY']._serialized_start=2187
-  _globals['_COMPUTEREPLY']._serialized_end=2268
-  _globals['_BACKEND']._serialized_start=2476
-  _globals['_BACKEND']._serialized_end=3360
+  _globals['_ATTRS']._serialized_end=1450
+  _globals['_DIM']._serialized_start=1452
+  _globals['_DIM']._serialized_end=1499
+  _globals['_GRAPHINPUT']._serialized_start=1501
+  _globals['_GRAPHINPUT']._serialized_end=1574
+  _globals['_OP']._serialized_start=1576
+  _globals['_OP']._serialized_end=1664
+  _globals['_GRAPHOUTPUT']._serialized_start=1666
+  _globals['_GRAPHOUTPUT']._serialized_end=1708
+  _globals['_GRAPH']._serialized_start=1711
+  _globals['_GRAPH']._serialized_end=1873
+  _globals['_REGISTERGRAPHREQUEST']._serialized_start=1875
+  _globals['_REGISTERGRAPHREQUEST']._serialized_end=1932
+  _globals['_REGISTERGRAPHREPLY']._serialized_start=1934
+  _globals['_REGISTERGRAPHREPLY']._serialized_end=1972
+  _globals['_RELEASEGRAPHREQUEST']._serialized_start=1974
+  _globals['_RELEASEGRAPHREQUEST']._serialized_end=2013
+  _globals['_ARRAY']._serialized_start=2015
+  _globals['_ARRAY']._serialized_end=2065
+  _globals['_NAMEDARRAY']._serialized_start=2067
+  _globals['_NAMEDARRAY']._serialized_end=2128
+  _globals['_COMPUTEREQUEST']._serialized_start=2130
+  _globals['_COMPUTEREQUEST']._serialized_end=2205
+  _globals['_COMPUTEREPLY']._serialized_start=2207
+  _globals['_COMPUTEREPLY']._serialized_end=2288
+  _globals['_BACKEND']._serialized_start=2496
+  _globals['_BACKEND']._serialized_end=3380
 # @@protoc_insertion_point(module_scope)

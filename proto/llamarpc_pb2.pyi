@@ -203,7 +203,7 @@ class CopyTensorRequest(_message.Message):
     def __init__(self, src_buffer_id: _Optional[int] = ..., src_offset: _Optional[int] = ..., dst_buffer_id: _Optional[int] = ..., dst_offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Attrs(_message.Message):
-    __slots__ = ("eps", "scale", "head_dim", "n_dims", "rope_mode", "freq_base", "freq_scale", "n_head", "n_head_kv", "sliding_window", "softcap", "pooling")
+    __slots__ = ("eps", "scale", "head_dim", "n_dims", "rope_mode", "freq_base", "freq_scale", "n_head", "n_head_kv", "sliding_window", "softcap", "pooling", "non_causal")
     EPS_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,7 @@ class Attrs(_message.Message):
     SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
     SOFTCAP_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    NON_CAUSAL_FIELD_NUMBER: _ClassVar[int]
     eps: float
     scale: float
     head_dim: int
@@ -228,7 +229,8 @@ class Attrs(_message.Message):
     sliding_window: int
     softcap: float
     pooling: int
-    def __init__(self, eps: _Optional[float] = ..., scale: _Optional[float] = ..., head_dim: _Optional[int] = ..., n_dims: _Optional[int] = ..., rope_mode: _Optional[int] = ..., freq_base: _Optional[float] = ..., freq_scale: _Optional[float] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., sliding_window: _Optional[int] = ..., softcap: _Optional[float] = ..., pooling: _Optional[int] = ...) -> None: ...
+    non_causal: bool
+    def __init__(self, eps: _Optional[float] = ..., scale: _Optional[float] = ..., head_dim: _Optional[int] = ..., n_dims: _Optional[int] = ..., rope_mode: _Optional[int] = ..., freq_base: _Optional[float] = ..., freq_scale: _Optional[float] = ..., n_head: _Optional[int] = ..., n_head_kv: _Optional[int] = ..., sliding_window: _Optional[int] = ..., softcap: _Optional[float] = ..., pooling: _Optional[int] = ..., non_causal: _Optional[bool] = ...) -> None: ...
 
 class Dim(_message.Message):
     __slots__ = ("size", "symbol")

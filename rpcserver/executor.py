@@ -124,10 +124,11 @@ def _attention(c: Ctx, op: OpSpec) -> Any:
     if c.dev.is_cpu:
         return cpu_ops.attention(c.arg(a[0]), c.arg(a[1]), c.arg(a[2]), c.raw(a[3]), c.raw(a[4]), *(c.arg(i) for i in a[5:10]),
                                  n_head=at.n_head, n_head_kv=at.n_head_kv, head_dim=at.head_dim, scale=at.scale,
-                                 sliding_window=at.sliding_window, softcap_=at.softcap)
+                                 sliding_window=at.sliding_window, softcap_=at.softcap, causal=not at.non_causal)
     return K.attention(c.xp, c.arg(a[0]), c.arg(a[1]), c.arg(a[2]), c.raw(a[3]), c.raw(a[4]),
                        *(c.arg(i) for i in a[5:10]), n_head=at.n_head, n_head_kv=at.n_head_kv,
-                       head_dim=at.head_dim, scale=at.scale, sliding_window=at.sliding_window, softcap_=at.softcap)
+                       head_dim=at.head_dim, scale=at.scale, sliding_window=at.sliding_window, softcap_=at.softcap,
+                       causal=not at.non_causal)
 
 
 def _rope(c: Ctx, op: OpSpec) -> Any:

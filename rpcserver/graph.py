@@ -156,6 +156,10 @@ def _check_attrs(op: pb.Op, where: str) -> None:
             raise InvalidArgument(f"{where}: attention needs head_dim in (0, 1024] and n_head a multiple of n_head_kv")
         if a.sliding_window < 0 or a.softcap < 0 or not a.scale > 0:
             raise InvalidArgument(f"{where}: attention needs scale > 0, sliding_window >= 0, softcap >= 0")
+        if a.non_causal and a.sliding_window:
+            raise InvalidArgument(f"{where}: non_causal attention cannot have a sliding window")
+    elif a.non_causal:
+        raise InvalidArgument(f"{where}: non_causal is an attention attribute")
     if t == pb.POOL and a.pooling not in (1, 2, 3):
         raise InvalidArgument(f"{where}: pooling must be 1 (mean), 2 (cls) or 3 (last)")
 

@@ -176,9 +176,12 @@ def write_cells(xp: Any, cache: Array, cells: Array, new: Array) -> None:
 
 
 def attention_mask(xp: Any, tok_pos: Array, tok_seq: Array, kv_pos: Array, kv_seq: Array,
-                   sliding_window: int) -> Array:
-    """[N, L] bool: token t may see cell c (same sequence, not in its future, not empty)."""
-    vis = (kv_seq[None, :] == tok_seq[:, None]) & (kv_pos[None, :] >= 0) & (kv_pos[None, :] <= tok_pos[:, None])
+                   sliding_window: int, causal: bool = True) -> Array:
+    """[N, L] bool: token t may see cell c (same sequence, not empty, and when `causal` not in its
+    future)."""
+    vis = (kv_seq[None, :] == tok_seq[:, None]) & (kv_pos[None, :] >= 0)
+    if causal:
+        vis = vis & (kv_pos[None, :] <= tok_pos[:, None])
     if sliding_window > 0:
         vis = vis & (tok_pos[:, None] - kv_pos[None, :] < sliding_window)
     return vis
@@ -187,8 +190,9 @@ def attention_mask(xp: Any, tok_pos: Array, tok_seq: Array, kv_pos: Array, kv_se
 def attention(xp: Any, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array,
               cells: Array, tok_pos: Array, tok_seq: Array, kv_pos: Array, kv_seq: Array,
               *, n_head: int, n_head_kv: int, head_dim: int, scale: float,
-              sliding_window: int = 0, softcap_: float = 0.0) -> Array:
-    """Write the new K/V rows into the caches at `cells`, then attend over the first L cells."""
+              sliding_window: int = 0, softcap_: float = 0.0, causal: bool = True) -> Array:
+    """Write the new K/V rows into the caches at `cells`, then attend over the first L cells
+    (`causal` False: over all of the token's sequence, as an encoder does)."""
     n = q.shape[0]
     kvw = n_head_kv * head_dim
     _check(q.ndim == 2 and q.shape[1] == n_head * head_dim,
@@ -219,7 +223,7 @@ def attention(xp: Any, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Ar
     scores = xp.reshape(xp.matmul(qh, kh), (n_head_kv, g, n, ln)) * scale
     if softcap_ > 0:
         scores = softcap(xp, scores, softcap_)
-    vis = attention_mask(xp, tok_pos, tok_seq, kv_pos, kv_seq, sliding_window)
+    vis = attention_mask(xp, tok_pos, tok_seq, kv_pos, kv_seq, sliding_window, causal)
     scores = xp.where(vis[None, None, :, :], scores, xp.asarray(-xp.inf, dtype=xp.float32))
     mx = xp.max(scores, axis=-1, keepdims=True)
     mx = xp.where(xp.isfinite(mx), mx, xp.zeros_like(mx))

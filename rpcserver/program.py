@@ -126,8 +126,11 @@ class Program:
                     self._fail(rc, self.seg_steps[seg_no], plan)
                 seg_no += 1
                 continue
-            if c is None:
-                c = ctx_factory(list(self.views))
+            if c is None:   # a Python step sees the dynamic inputs at this Compute's length, not the slot's
+                vals = list(self.views)
+                for i in self.caps:
+                    vals[i] = self.views[i][:inputs[i].shape[0]]
+                c = ctx_factory(vals)
             out = kernels[seg.kind](c, seg)
             outs = (out,) if len(seg.outs) == 1 else out
             for v, o in zip(seg.outs, outs):
@@ -341,8 +344,13 @@ def build(plan: Plan, raw: Any, weight: Any, shapes: dict[int, tuple[tuple[int, 
             kl, vl = cpu_ops._cache_layout(raw(kc)), cpu_ops._cache_layout(raw(vc))
             if kl is None or vl is None:
                 return None
+            tpos_addr = addr(tpos)
+            if at.non_causal:   # as cpu_ops.attention (no window then: graph.py): INT32_MAX sees all its sequence
+                far = np.full(n, np.iinfo(np.int32).max, np.int32)
+                p.keep.append(far)
+                tpos_addr = far.ctypes.data
             rec = [PR_ATTENTION, addr(q), addr(k), addr(v), addr(kc), addr(vc), kl[1], vl[1], int(kl[0]), int(vl[0]),
-                   shape(kc)[0], addr(cells), addr(tpos), addr(tseq), n, addr(kvp), addr(kvs), 0, at.n_head,
+                   shape(kc)[0], addr(cells), tpos_addr, addr(tseq), n, addr(kvp), addr(kvs), 0, at.n_head,
                    at.n_head_kv, at.head_dim, _f64_bits(at.scale), at.sliding_window,
                    _f64_bits(at.softcap if at.softcap > 0 else 0.0), addr(out)]
             p.attn_work += at.n_head * n

@@ -100,6 +100,10 @@ CASES = {
                            dict(sliding_window=5, softcap_=3.0)),
     "blind-token": (dict(n_head=8, n_kv=2, d=64, n=4, m=64, ln=40, n_seq=2, blind=True), {}),
     "blind-decode": (dict(n_head=4, n_kv=2, d=24, n=1, m=16, ln=8, n_seq=1, blind=True), {}),
+    "non-causal": (dict(n_head=8, n_kv=2, d=64, n=7, m=96, ln=80, n_seq=3), dict(causal=False)),
+    "non-causal-f16-softcap": (dict(n_head=4, n_kv=4, d=24, n=5, m=40, ln=30, n_seq=2, dtype=np.float16),
+                               dict(causal=False, softcap_=2.0)),
+    "non-causal-blind": (dict(n_head=4, n_kv=2, d=64, n=4, m=64, ln=40, n_seq=2, blind=True), dict(causal=False)),
 }
 
 
@@ -109,6 +113,10 @@ def test_attention_matches_reference(name):
     args = scenario(list(CASES).index(name), **sc)
     got, want = run_both(args, n_head=sc["n_head"], n_head_kv=sc["n_kv"], head_dim=sc["d"], scale=sc["d"] ** -0.5, **kw)
     assert_same(got, want)
+    if kw.get("causal") is False:   # the mask did change: a causal run differs
+        causal, _ = run_both(args, n_head=sc["n_head"], n_head_kv=sc["n_kv"], head_dim=sc["d"], scale=sc["d"] ** -0.5,
+                             **{**kw, "causal": True})
+        assert np.abs(causal[0] - got[0]).max() > 1e-3
     if sc.get("blind"):
         assert not got[0][-1].any()   # a token that sees no cell gets zeros, as in the reference
 

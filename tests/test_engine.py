@@ -250,16 +250,16 @@ def test_node_restarted_between_steps_sequences_are_recomputed(synth_path):
 
 
 def test_stop_ends_queued_tasks_too(synth_path):
-    eng = make_engine(synth_path, n_ctx=256, n_parallel=1)
+    eng = make_engine(synth_path, n_ctx=4096, n_parallel=1)
     run = Run(eng)
-    busy = run.submit([1, 2, 3], n_predict=200, ignore_eos=True)
+    busy = run.submit([1, 2, 3], n_predict=4000, ignore_eos=True)      # seconds: the others stay queued
     queued = [run.submit([4, 5, 6], n_predict=4) for _ in range(3)]
     time.sleep(0.2)
     eng.stop()
     for t in (busy, *queued):
         ev = run.final(t, timeout=10)
         assert isinstance(ev, (ErrorEvent, FinalEvent))
-    assert any(isinstance(run.final(t), ErrorEvent) and run.final(t).code == 503 for t in queued)
+    assert all(isinstance(run.final(t), ErrorEvent) and run.final(t).code == 503 for t in queued)
     late = run.submit([7, 8])
     ev = run.final(late, timeout=5)
     assert isinstance(ev, ErrorEvent) and ev.code == 503

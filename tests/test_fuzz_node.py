@@ -193,7 +193,8 @@ DIMS = st.one_of(st.integers(-3, 9).map(lambda n: pb.Dim(size=n)),
 SHAPE_INTS = st.one_of(st.integers(-2, 40), st.sampled_from([2**31, 2**32, 2**40, 2**62, I64, -2**63]))
 ATTRS = st.builds(pb.Attrs, eps=FLOATS, scale=FLOATS, head_dim=INT32S, n_dims=INT32S, rope_mode=INT32S,
                   freq_base=FLOATS, freq_scale=FLOATS, n_head=INT32S, n_head_kv=INT32S,
-                  sliding_window=INT32S, softcap=FLOATS, pooling=INT32S)
+                  sliding_window=INT32S, softcap=FLOATS, pooling=INT32S,
+                  non_causal=st.booleans())
 
 
 def _arr_bytes(shape: list[int], itemsize: int, rng: np.random.Generator) -> bytes:

@@ -90,7 +90,8 @@ def test_rope(name, mode, n_dims, scale):
     np.testing.assert_allclose(got, rope_ref(x, pos, 16, n_dims, mode, 10000.0, scale), rtol=1e-5, atol=1e-5)
 
 
-def attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_head_kv, hd, window=0, cap=0.0):
+def attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_head_kv, hd, window=0, cap=0.0,
+                  causal=True):
     n = q.shape[0]
     g = n_head // n_head_kv
     out = np.zeros((n, n_head * hd))
@@ -99,7 +100,7 @@ def attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_h
             kh = h // g
             scores, vals = [], []
             for c in range(len(kv_pos)):
-                ok = kv_seq[c] == tok_seq[t] and 0 <= kv_pos[c] <= tok_pos[t]
+                ok = kv_seq[c] == tok_seq[t] and 0 <= kv_pos[c] and (kv_pos[c] <= tok_pos[t] or not causal)
                 if window:
                     ok = ok and tok_pos[t] - kv_pos[c] < window
                 if ok:
@@ -113,8 +114,9 @@ def attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_h
 
 
 @pytest.mark.parametrize("name", NAMESPACES)
-@pytest.mark.parametrize("window,cap", [(0, 0.0), (3, 0.0), (0, 2.0)])
-def test_attention_writes_cache_and_masks(name, window, cap):
+@pytest.mark.parametrize("window,cap,causal", [(0, 0.0, True), (3, 0.0, True), (0, 2.0, True), (0, 0.0, False),
+                                               (0, 2.0, False)])
+def test_attention_writes_cache_and_masks(name, window, cap, causal):
     xp = ns(name)
     n_head, n_head_kv, hd, m = 4, 2, 8, 16
     # two sequences: seq 0 has 4 old cells, seq 1 has 2; this step adds 2 tokens to each
@@ -136,11 +138,14 @@ def test_attention_writes_cache_and_masks(name, window, cap):
     v = RNG.standard_normal((4, n_head_kv * hd)).astype(np.float32)
     k_all, v_all = kc.copy(), vc.copy()
     k_all[cells], v_all[cells] = k, v
-    ref = attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_head_kv, hd, window, cap)
+    ref = attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_head_kv, hd, window, cap, causal)
+    if not causal:   # the first token of each sequence sees its later ones: not what the causal mask gives
+        causal_ref = attention_ref(q, k_all, v_all, tok_pos, tok_seq, kv_pos, kv_seq, n_head, n_head_kv, hd, window, cap)
+        assert np.abs(causal_ref - ref).max() > 1e-2
     xkc, xvc = to(xp, kc), to(xp, vc)
     got = K.attention(xp, to(xp, q), to(xp, k), to(xp, v), xkc, xvc, to(xp, cells), to(xp, tok_pos),
                       to(xp, tok_seq), to(xp, kv_pos), to(xp, kv_seq), n_head=n_head, n_head_kv=n_head_kv,
-                      head_dim=hd, scale=hd ** -0.5, sliding_window=window, softcap_=cap)
+                      head_dim=hd, scale=hd ** -0.5, sliding_window=window, softcap_=cap, causal=causal)
     np.testing.assert_allclose(host(got), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(host(xkc)[cells], k)
     np.testing.assert_array_equal(host(xvc)[cells], v)

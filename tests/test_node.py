@@ -89,6 +89,10 @@ def test_sessions_are_isolated():
     (lambda g: g.ops.add(type=pb.ROPE, args=[0, 0], attrs=pb.Attrs(head_dim=8, n_dims=9)), "rope"),
     (lambda g: g.ops.add(type=pb.ATTENTION, args=[0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
                          attrs=pb.Attrs(head_dim=8, n_head=3, n_head_kv=2, scale=1)), "multiple of n_head_kv"),
+    (lambda g: g.ops.add(type=pb.ATTENTION, args=[0, 0, 0, 1, 1, 0, 0, 0, 0, 0],
+                         attrs=pb.Attrs(head_dim=8, n_head=2, n_head_kv=2, scale=1, sliding_window=4, non_causal=True)),
+     "non_causal attention cannot have a sliding window"),
+    (lambda g: g.ops.add(type=pb.SILU, args=[0], attrs=pb.Attrs(non_causal=True)), "non_causal is an attention"),
 ])
 def test_bad_graphs_are_invalid_argument(backend, mutate, match):
     buf = backend.alloc_buffer(1024)

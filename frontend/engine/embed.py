@@ -5,8 +5,9 @@ on its node the first time, again after a re-attach or re-placement) whose outpu
 norm's rows pooled per sequence by the node's POOL op (`none` keeps every row), or, for `rank`,
 the classification head's scores (cls.weight + tanh if present, then cls.output). Runs on the
 engine thread (Engine.call): the inputs take KV cells of sequences no slot uses and free them
-after. An architecture module may bring its own `build_embed_graph` (bert); decoders use the
-generic tail here. Pooling ids as GGUF's `{arch}.pooling_type`: 0 none, 1 mean, 2 cls, 3 last, 4 rank.
+after. An architecture module may bring its own `embed_rows` (bert: the encoder's last rows, pooled
+with CLS for rank); decoders get the final norm of their hidden rows. Pooling ids as GGUF's
+`{arch}.pooling_type`: 0 none, 1 mean, 2 cls, 3 last, 4 rank.
 """
 from __future__ import annotations
 
@@ -115,15 +116,15 @@ class Embedder:
         refs = {**stage.refs, **self._tensor_refs(stage, cls)}
         w = lambda n: gb.tensor(refs[n])  # noqa: E731
         kv_values = {i: (gb.tensor(k), gb.tensor(v)) for i, (k, v) in stage.kv_refs.items()}
-        custom = getattr(arch, "build_embed_graph", None)
-        if custom is not None:
-            custom(gb, args, stage.layers, stage.first, w, kv_values, self.pooling)
+        rows = getattr(arch, "embed_rows", None)      # an encoder's own (bert)
+        if rows is not None:
+            h = rows(gb, args, stage.layers, stage.first, w, kv_values)
         else:
             arch.build_graph(gb, args, stage.layers, stage.first, False, w, kv_values)
             assert gb.hidden is not None
             h = gb.mul(gb.rms_norm(gb.hidden, args.rms_eps), w("output_norm.weight"))  # type: ignore[attr-defined]
-            pooled = pool_tail(gb, h, self.pooling, decoder=True)
-            gb.output("embd", cls_head(gb, pooled, w, cls) if self.pooling == 4 else pooled)
+        pooled = pool_tail(gb, h, self.pooling, decoder=rows is None)
+        gb.output("embd", cls_head(gb, pooled, w, cls) if self.pooling == 4 else pooled)
         gid = self._graphs[key] = stage.backend.register_graph(gb.build())
         return gid
 
@@ -134,9 +135,13 @@ class Embedder:
         if engine.health_error is not None or any(s.lost or not s.backend.alive for s in pl.stages):
             raise NodeUnavailable(engine.health_error or "a node is unavailable", node=None)
         cap = engine.config.n_ubatch
+        n_pos = self.model.args.n_ctx_train if engine.encoder_only else 0  # type: ignore[attr-defined]
         for x in inputs:
             if not x:
                 raise EmbedError("Input content cannot be empty")
+            if n_pos and len(x) > n_pos:   # an encoder's positions end at its training context
+                raise EmbedError(f"input is too large to process: the input has {len(x)} tokens, the model "
+                                 f"takes at most {n_pos}")
             if len(x) > cap:
                 raise EmbedError(f"input is too large to process. increase the physical batch size "
                                  f"(the input has {len(x)} tokens, --ubatch-size is {cap})")

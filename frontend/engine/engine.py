@@ -112,6 +112,8 @@ class Engine:
         self.embedder: object | None = None     # an embed.Embedder with --embeddings
         # called after each step with its kind (decode, prompt, mixed, replay) and seconds (/metrics)
         self.on_step: Callable[[str, float], None] | None = None
+        # an encoder (bert) has no logits: embeddings and rerank only, no warm-up decode
+        self.encoder_only = bool(getattr(model.pipeline.arch, "ENCODER_ONLY", False))
         self._calls: queue.Queue[tuple[Callable[[Engine], object], concurrent.futures.Future]] = queue.Queue()
 
     # -- API for handlers (any thread) ------------------------------------------------------------
@@ -198,7 +200,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.config.warmup:
+        if self.config.warmup and not self.encoder_only:
             try:
                 self._warmup()
             except BackendError as e:
@@ -275,6 +277,11 @@ class Engine:
                     self._pending.popleft()
                     self._emit(task, ErrorEvent(task.index, 503, self.health_error, "unavailable_error"))
                     continue
+            if self.encoder_only:
+                self._pending.popleft()
+                self._emit(task, ErrorEvent(task.index, 501, f"{self.model.args.arch} is an encoder: it serves "
+                                            "embeddings and rerank, not completions", "not_supported_error"))
+                continue
             group = self.forks.group(task, self._pending)
             if group is None or len(group) > len(free):
                 return      # n > 1: all its choices start together, each in a slot of its own

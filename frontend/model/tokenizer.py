@@ -1,10 +1,10 @@
 """The GGUF tokenizer, behaving like llama.cpp's llama_vocab (src/llama-vocab.cpp).
 
 ``Tokenizer.from_metadata`` takes the GGUF key/values (plain Python values) and builds either a
-byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``) or a SentencePiece-style one
-(``"llama"``). Special tokens are cut out of the text first (llama.cpp's
-``tokenizer_st_partition``), the pieces between them are tokenized, and token attributes,
-BOS/EOS defaults and the end-of-generation set follow llama.cpp's loader.
+byte-level BPE tokenizer (``tokenizer.ggml.model == "gpt2"``), a SentencePiece-style one
+(``"llama"``) or WordPiece (``"bert"``: [CLS] ... [SEP] around the text as add_bos / add_sep
+say). Special tokens are cut out of the text first (llama.cpp's ``tokenizer_st_partition``), the
+pieces between them are tokenized, and token attributes, BOS/EOS defaults and the end-of-generation set follow llama.cpp's loader.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from .tokenizer_special import (
     detect_specials,
 )
 from .tokenizer_spm import SPACE, SentencePieceBPE
+from .tokenizer_wpm import WordPiece
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,8 @@ class Tokenizer:
         model = _key(md, "model", str)
         if model is None:
             raise ValueError("GGUF has no tokenizer.ggml.model key")
-        if model not in ("gpt2", "llama"):
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
+        if model not in ("gpt2", "llama", "bert"):
+            raise ValueError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama', 'bert')")
         self.model: str = model
         tokens = _list_key(md, "tokens", str, None)
         if not tokens:
@@ -135,6 +136,14 @@ class Tokenizer:
             add_space_prefix, add_bos, self.clean_spaces = True, True, False
             self._pre = None
             merges = None
+        elif model == "bert":   # llama.cpp's WPM defaults; GGUF's cls_token_id is the BOS when no bos is set
+            ids.update(bos=101, unk=100, sep=102, pad=0, mask=103)
+            cls_id = _key(md, "cls_token_id", int)
+            if cls_id is not None and 0 <= cls_id < n and _key(md, "bos_token_id", int) is None:
+                ids["bos"] = cls_id
+            add_space_prefix, add_bos, self.clean_spaces = False, True, True
+            self._pre = None
+            merges = None
         else:
             merges = _list_key(md, "merges", str, None)
             if merges is None:
@@ -161,9 +170,13 @@ class Tokenizer:
                     logger.warning("bad special token: tokenizer.ggml.%s = %d, using default %s", k, v, ids[name])
         self.add_bos: bool = bool(_key(md, "add_bos_token", bool, add_bos))
         self.add_eos: bool = bool(_key(md, "add_eos_token", bool, False))
+        # WordPiece ends the text with [SEP] (llama.cpp's add_sep; rerank joins a pair with it)
+        self.add_sep: bool = bool(_key(md, "add_sep_token", bool, model == "bert"))
         if self.add_bos and ids["bos"] is None:
             raise ValueError("tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set")
-        if self.add_eos and ids["eos"] is None:
+        if self.add_sep and model == "bert" and ids["sep"] is None:
+            raise ValueError("tokenizer.ggml.add_sep_token is true, but tokenizer.ggml.seperator_token_id is not set")
+        if self.add_eos and ids["eos"] is None and model != "bert":   # WPM never adds an EOS
             raise ValueError("tokenizer.ggml.add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
 
         self._eog = detect_specials(self.tokens, self._t2i, self._attr, ids, str(md.get("general.name") or ""))
@@ -180,9 +193,12 @@ class Tokenizer:
         specials.sort(key=lambda i: -len(self.tokens[i].encode("utf-8")))
         self._specials = specials
 
+        self._wpm: WordPiece | None = WordPiece(self._t2i, self.unk_id) if model == "bert" else None
         if model == "llama":
             self._spm: SentencePieceBPE | None = SentencePieceBPE(self._t2i, self.scores, self.unk_id)
             self._bpe: ByteLevelBPE | None = None
+        elif model == "bert":
+            self._spm, self._bpe = None, None
         else:
             assert self._pre is not None and merges is not None
             self._spm = None
@@ -266,6 +282,14 @@ class Tokenizer:
                     frag = " " + frag
                 out += self._spm.encode(frag.replace(" ", SPACE))
                 prev_special = False
+        elif self._wpm is not None:
+            for frag in frags:
+                out += [frag] if isinstance(frag, int) else self._wpm.encode(frag)
+            if add_special and self.add_sep:
+                sep = self.special_ids["sep"]
+                assert sep is not None
+                out.append(sep)
+            return out
         else:
             assert self._bpe is not None
             for frag in frags:
@@ -286,7 +310,7 @@ class Tokenizer:
             if a & (ATTR_SPECIAL | ATTR_USER_DEFINED):
                 piece = text.encode("utf-8")
             elif a & ATTR_NORMAL:
-                piece = (text.replace(SPACE, " ").encode("utf-8") if self.model == "llama"
+                piece = (text.replace(SPACE, " ").encode("utf-8") if self.model in ("llama", "bert")
                          else byte_level_decode(text))
             elif a & ATTR_BYTE:
                 try:

@@ -117,9 +117,15 @@ def _cache_layout(c: np.ndarray) -> tuple[int, int] | None:
 
 def attention(q, k, v, k_cache, v_cache, cells, tok_pos, tok_seq, kv_pos, kv_seq, *,
               n_head: int, n_head_kv: int, head_dim: int, scale: float,
-              sliding_window: int = 0, softcap_: float = 0.0) -> np.ndarray:
-    """kernels.attention on numpy arrays: writes k/v into k_cache/v_cache (in place) at `cells`."""
+              sliding_window: int = 0, softcap_: float = 0.0, causal: bool = True) -> np.ndarray:
+    """kernels.attention on numpy arrays: writes k/v into k_cache/v_cache (in place) at `cells`.
+    Not `causal` (no sliding window then): the compiled kernel gets every token's position as
+    INT32_MAX, so that its `kv_pos <= tok_pos` bound holds for every cell."""
     lib = _lib if _ready else _load()
+    if not causal:
+        if sliding_window:
+            raise K.ShapeError("attention: a non-causal attention has no sliding window")
+        tok_pos = np.full(np.shape(tok_pos), np.iinfo(np.int32).max, np.int32)
     n = q.shape[0]
     kvw = n_head_kv * head_dim
     if (lib is None or q.ndim != 2 or n_head_kv <= 0 or head_dim <= 0 or n_head % n_head_kv

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gemma3, llama, phi3, qwen2, qwen3
+from . import bert, gemma3, llama, nomic_bert, phi3, qwen2, qwen3
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3, "qwen3": qwen3, "phi3": phi3}
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3": gemma3, "qwen3": qwen3, "phi3": phi3,
+                                   "bert": bert, "nomic-bert": nomic_bert}
 
 
 def get_architecture(name: str) -> ModuleType:
