@@ -210,7 +210,7 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
         cache_prompt=b.bool("cache_prompt", s.cache_prompt), n_probs=n_probs,
         post_sampling_probs=b.bool("post_sampling_probs", False), return_tokens=b.bool("return_tokens", False),
         stream=b.bool("stream", False), id_slot=id_slot, timings_per_token=b.bool("timings_per_token", False),
-        n_keep=b.int("n_keep", 0, -1), model=s.model_name,
+        n_keep=b.int("n_keep", 0, -1), n_discard=b.int("n_discard", 0, 0), model=s.model_name,
     )
 
 

@@ -16,6 +16,7 @@ from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import CONTENT_TYPE
 from .params import Body, check_context, parse_json, task_params
+from .slot_actions import slot_action
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
@@ -93,6 +94,12 @@ async def slots(request: Request) -> Response:
     if request.query_params.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in st.engine.slots):
         return error_response(503, "no slot available", "unavailable_error")
     return JSONResponse([_slot_json(st, s) for s in st.engine.slots])
+
+
+@router.post("/slots/{id_slot}")
+async def slots_action(request: Request, id_slot: str) -> Response:
+    """save / restore / erase a slot's KV cache (slot_actions.py)."""
+    return await slot_action(request, _state(request), id_slot)
 
 
 @router.get("/metrics")

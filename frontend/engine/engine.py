@@ -52,6 +52,7 @@ class EngineConfig:
     recover_interval: float = 1.0
     node_grace: float = 5.0         # seconds a lost node has to come back before its layers move
     warmup: bool = True
+    context_shift: bool = False     # a full slot drops tokens after n_keep and goes on (context_shift.py)
 
 
 @dataclasses.dataclass
