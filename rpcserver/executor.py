@@ -138,6 +138,15 @@ def _rope(c: Ctx, op: OpSpec) -> Any:
     return K.rope(c.xp, x, pos, at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale, memo=c.rope_memo)
 
 
+def _rope_shift(c: Ctx, op: OpSpec) -> Any:
+    at, a = op.attrs, op.args
+    cells, delta = c.arg(a[1]), c.arg(a[2])
+    if cells.dtype != np.int32 or delta.dtype != np.int32:
+        raise InvalidArgument("rope_shift: cells and delta must be I32")
+    return K.rope_shift(c.xp, c.raw(a[0]), cells, delta, at.head_dim, at.n_dims, at.rope_mode, at.freq_base,
+                        at.freq_scale)
+
+
 def _pool(c: Ctx, op: OpSpec) -> Any:
     x, seq = c.arg(op.args[0]), c.arg(op.args[1])
     n_seq = int(c.xp.max(seq)) + 1 if seq.shape[0] else 0
@@ -186,6 +195,7 @@ KERNELS: dict[int | str, Kernel] = {
     pb.SOFTMAX: _unary(K.softmax),
     pb.SOFTCAP: lambda c, op: K.softcap(c.xp, c.arg(op.args[0]), op.attrs.scale),
     pb.POOL: _pool,
+    pb.ROPE_SHIFT: _rope_shift,
 }
 assert set(KERNELS) == set(K.OP_ARITY), "every op in the op set has a kernel"  # fuse.py adds its own
 
@@ -235,6 +245,8 @@ def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, i
         transient = quant.TILE_BYTES // 4 + 2 * shapes[0][0] * shapes[0][-1]   # a weight tile, x quantized
     elif t == pb.GET_ROWS and shapes[0] and shapes[1]:
         kept = shapes[1][0] * shapes[0][-1]
+    elif t == pb.ROPE_SHIFT and shapes[0] and shapes[1]:
+        kept, transient = shapes[1][0], 4 * shapes[1][0] * shapes[0][-1]   # the cells; rows, turned, cos/sin
     elif t == pb.ATTENTION and shapes[0] and shapes[8]:
         transient = 3 * max(0, attrs.n_head) * shapes[0][0] * shapes[8][0]   # scores, exp, probs
     return 4 * kept, 4 * transient
