@@ -22,7 +22,7 @@ from llamarpc.proto.errors import BackendError
 from llamarpc.proto.types import GGMLType
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .kv_cells import KVCells
     from .pipeline import Pipeline, Stage
     from .slot import Slot
 
@@ -81,11 +81,11 @@ def n_keep_discard(slot: Slot, add_bos: bool) -> tuple[int, int]:
     return n_keep, max(1, min(n_discard, n_left))
 
 
-def shift_slot(engine: Engine, slot: Slot, shifter: KVShifter) -> None:
+def shift_slot(kv: KVCells, slot: Slot, shifter: KVShifter, add_bos: bool) -> None:
     """Make room in the slot's sequence for its next token (on the engine thread)."""
-    kv, sid = engine.kv, slot.id
+    sid = slot.id
     n_past = len(slot.cache)
-    n_keep, n_discard = n_keep_discard(slot, engine.tokenizer.add_bos)
+    n_keep, n_discard = n_keep_discard(slot, add_bos)
     kv.remove(sid, n_keep, n_keep + n_discard)
     moved = np.flatnonzero((kv.seq == sid) & (kv.pos >= n_keep + n_discard)).astype(np.int32)
     done = False

@@ -317,7 +317,7 @@ class Engine:
         busy = [s for s in self.slots if s.busy]
         for s in busy:
             if s.context_shift and s.state == SlotState.GENERATING and len(s.todo) == 1 and len(s.cache) >= s.n_ctx:
-                shift_slot(self, s, self.shifter)
+                shift_slot(self.kv, s, self.shifter, self.tokenizer.add_bos)
         dec = [s for s in busy if s.state == SlotState.GENERATING and len(s.todo) == 1]
         pre = sorted((s for s in busy if s not in dec),
                      key=lambda s: s.task.t_arrival if s.task is not None else 0.0)
