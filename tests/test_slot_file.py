@@ -185,3 +185,28 @@ def test_http_slot_actions(synth, tmp_path):
 def test_runs():
     assert slot_file._runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 0, 3), (7, 3, 1), (9, 4, 2)]
     assert slot_file._runs(np.array([], np.int64)) == []
+
+
+@pytest.mark.slow
+def test_real_model_save_erase_restore(model_path, tmp_path):
+    """SmolLM2 over HTTP: the next tokens after save -> erase -> restore equal those of a slot that
+    was never erased, and come from the restored cache."""
+    srv, url = start_server(["-m", str(model_path), "-c", "256", "--slot-save-path", str(tmp_path)])
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            prompt = c.post("/tokenize", json={"content": "The capital of France is", "add_special": True}).json()
+            ask = {"n_predict": 6, "temperature": 0, "id_slot": 0, "cache_prompt": True, "return_tokens": True}
+            first = c.post("/completion", json={"prompt": prompt["tokens"], **ask}).json()
+            cached = prompt["tokens"] + first["tokens"][:-1]
+            follow = cached + c.post("/tokenize", json={"content": " Paris"}).json()["tokens"]
+            assert c.post("/slots/0?action=save", json={"filename": "fr.bin"}).json()["n_saved"] == len(cached)
+            never = c.post("/completion", json={"prompt": follow, **ask}).json()
+            assert never["timings"]["cache_n"] == len(cached)
+            assert c.post("/slots/0?action=erase").json()["n_erased"] == len(follow) + 5
+            r = c.post("/slots/0?action=restore", json={"filename": "fr.bin"})
+            assert r.status_code == 200 and r.json()["n_restored"] == len(cached)
+            again = c.post("/completion", json={"prompt": follow, **ask}).json()
+            assert again["timings"]["cache_n"] == len(cached)
+            assert again["tokens"] == never["tokens"]
+    finally:
+        srv.stop()
