@@ -3,6 +3,7 @@ shifted cache against a fresh prefill at the new positions (F32 and F16 caches, 
 gemma3's neox rope), and generations that run past the slot with --context-shift."""
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 from llamarpc.client import GraphBuilder, TensorRef
@@ -241,3 +242,28 @@ def test_real_model_shifts_past_a_tiny_context(model_path):
     finally:
         eng.stop()
         eng.model.close()
+
+
+def test_http_context_shift(models):
+    """--context-shift over HTTP: n_predict beyond the slot runs to the end (truncated), n_keep and
+    n_discard come from the request; without the flag the slot's end stops it."""
+    from serverproc import start_server
+
+    on, url = start_server(["-m", str(models / "one.gguf"), "-c", "64", "--context-shift", "--slots"])
+    off, url_off = start_server(["-m", str(models / "one.gguf"), "-c", "64"])
+    try:
+        body = {"prompt": list(range(10, 30)), "n_predict": 120, "temperature": 0, "ignore_eos": True,
+                "n_keep": 3, "n_discard": 7}
+        r = httpx.post(url + "/completion", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens_predicted"] == 120 and r.json()["truncated"] is True
+        # 20 + 119 tokens fed through a 64-token slot, 7 dropped at each of 11 shifts
+        assert r.json()["tokens_cached"] == 20 + 119 - 7 * 11
+        body.pop("n_discard")   # default: half of what follows n_keep, (64 - 3) // 2 = 30, 3 shifts
+        r = httpx.post(url + "/completion", json={**body, "cache_prompt": False}, timeout=60)
+        assert r.json()["tokens_cached"] == 20 + 119 - 30 * 3
+        r = httpx.post(url_off + "/completion", json=body, timeout=60)
+        assert r.json()["tokens_predicted"] == 64 - 20 + 1 and r.json()["truncated"] is True
+    finally:
+        on.stop()
+        off.stop()

@@ -119,6 +119,37 @@ def test_bad_files_are_refused(synth, tmp_path):
             e.model.close()
 
 
+def test_f16_cache_round_trip(synth, tmp_path):
+    """An F16 cache saves 2 bytes per value and restores into another placement; an F32 engine
+    refuses the F16 file (the cache type is part of the identity)."""
+    from llamarpc.proto.types import GGMLType
+
+    def f16_engine(backends, split=None) -> Engine:
+        model = load_model(str(synth), backends, n_ctx=256, tensor_split=split, kv_type=GGMLType.F16)
+        eng = Engine(model, EngineConfig(n_parallel=2, warmup=False))
+        eng.start()
+        return eng
+
+    a, b, c = f16_engine([LocalBackend()]), f16_engine([LocalBackend(), LocalBackend()], [1, 3]), \
+        engine_on(synth, [LocalBackend()])
+    try:
+        run(a, PROMPT, 5, id_slot=0)
+        n = len(a.slots[0].cache)
+        out = slot_file.save(a, 0, str(tmp_path), "h.bin")
+        ident = slot_file.model_identity(a.model)
+        assert out["n_written"] == slot_file.HEADER.size + 4 * n + 2 * 4 * n * ident.n_embd_k * 2
+        slot_file.restore(b, 1, str(tmp_path), "h.bin")
+        assert b.call(lambda e: slot_file.read_slot(e, 1)).result() == (tmp_path / "h.bin").read_bytes()
+        more = a.slots[0].cache + [50, 51]
+        assert run(b, more, 6, id_slot=1).tokens == run(a, more, 6, id_slot=0).tokens
+        with pytest.raises(slot_file.SlotFileError, match="another model or KV cache type"):
+            slot_file.restore(c, 0, str(tmp_path), "h.bin")
+    finally:
+        for e in (a, b, c):
+            e.stop()
+            e.model.close()
+
+
 @pytest.mark.parametrize("name", ["../x.bin", "a/b.bin", "..", ".", "", " x", "x.", "a\\b", "a\0b", "c:x", 5,
                                   "x" * 256])
 def test_filename_refused(name):

@@ -2,8 +2,9 @@
 
 Without --slot-save-path every action is a 501; a slot id that is not a number, or names no
 slot, an unknown action and a file name with a directory part are 400s; a file that cannot be
-restored (missing, another model's, cut short, too big for the slot) is a 400. A slot busy with a
-request is waited for (llama-server defers the action until the slot is free), up to --timeout.
+restored (missing, another model's, cut short, too big for the slot) is a 400; a node that fails
+meanwhile is a 500. A slot busy with a request is waited for (llama-server defers the action until
+the slot is free), up to --timeout, then a 503.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from llamarpc.proto.errors import BackendError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,6 +36,8 @@ async def _when_idle(st: ServerState, fn: Callable[[], dict]) -> dict:
             await asyncio.sleep(BUSY_POLL)
         except slot_file.SlotFileError as e:
             raise bad_request(str(e)) from None
+        except BackendError as e:
+            raise APIError(500, f"the slot's KV cache could not be moved: {e}", "server_error") from None
 
 
 def _filename(request_body: bytes) -> str:
