@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from llamarpc.client import GraphBuilder, TensorRef
 from llamarpc.client.local import LocalBackend
-from llamarpc.frontend.engine import Engine, EngineConfig, FinalEvent, TaskParams, load_model
+from llamarpc.frontend.engine import Engine, EngineConfig, FinalEvent, TaskParams, load_model, slot_file
 from llamarpc.frontend.engine.context_shift import KVShifter, n_keep_discard
 from llamarpc.frontend.engine.engine import forward_micro_batches
 from llamarpc.frontend.engine.kv_cells import KVCells
@@ -203,8 +203,9 @@ def test_engine_runs_past_the_slot(models, monkeypatch):
         g = _gen(on, prompt, 100, n_keep=4)
         assert g.n_decoded == 100 and g.truncated and len(on.slots[0].cache) <= 48
         assert g.tokens[:f.n_decoded] == f.tokens
-        # the kept prefix stays at the front of the slot
+        # the kept prefix stays at the front of the slot, the cells at positions 0..n-1 (it can be saved)
         assert on.slots[0].cache[:4] == prompt[:4]
+        assert on.call(lambda e: slot_file.slot_cells(e, 0)).result().size == len(on.slots[0].cache)
         # one layer: recomputing the kept tokens (a node without ROPE_SHIFT) gives the same tokens
         monkeypatch.setattr(KVShifter, "supported", lambda self: False)
         h = _gen(on, prompt, 100, n_keep=4, cache_prompt=False)
