@@ -241,3 +241,18 @@ def test_real_model_save_erase_restore(model_path, tmp_path):
             assert again["tokens"] == never["tokens"]
     finally:
         srv.stop()
+
+
+def test_slot_save_path_flag(tmp_path):
+    from llamarpc.frontend.cli.args import build_parser
+    from llamarpc.frontend.cli.server import slot_save_path
+    from llamarpc.proto.cliargs import CLIError
+
+    (tmp_path / "f").write_text("x")
+    args = build_parser().parse_args(["-m", __file__, "--slot-save-path", str(tmp_path), "--context-shift"])
+    assert slot_save_path(args.slot_save_path) == str(tmp_path) and args.context_shift
+    assert not build_parser().parse_args(["-m", __file__]).context_shift     # off by default, as llama-server
+    assert slot_save_path("") == ""
+    for bad in (tmp_path / "f", tmp_path / "missing"):
+        with pytest.raises(CLIError, match="not a directory"):
+            slot_save_path(str(bad))
