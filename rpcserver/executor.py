@@ -143,7 +143,10 @@ def _rope_shift(c: Ctx, op: OpSpec) -> Any:
     cells, delta = c.arg(a[1]), c.arg(a[2])
     if cells.dtype != np.int32 or delta.dtype != np.int32:
         raise InvalidArgument("rope_shift: cells and delta must be I32")
-    return K.rope_shift(c.xp, c.raw(a[0]), cells, delta, at.head_dim, at.n_dims, at.rope_mode, at.freq_base,
+    cache = c.raw(a[0])
+    if not getattr(getattr(cache, "flags", None), "writeable", True):
+        raise InvalidArgument("rope_shift: the K cache is in a read-only (mapped) buffer")
+    return K.rope_shift(c.xp, cache, cells, delta, at.head_dim, at.n_dims, at.rope_mode, at.freq_base,
                         at.freq_scale)
 
 

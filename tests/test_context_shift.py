@@ -90,6 +90,10 @@ def test_rope_shift_node_validation():
             b.register_graph(_shift_graph(ref, **bad))
     with pytest.raises(InvalidArgument):        # a quantized (or I32) cache is not a K cache
         b.register_graph(_shift_graph(TensorRef(buf, 0, T.I32, (4, 16))))
+    mapped = b.map_buffer(np.zeros(256, np.uint8))      # read-only: a K cache there cannot be turned
+    gm = b.register_graph(_shift_graph(TensorRef(mapped, 0, T.F32, (4, 16))))
+    with pytest.raises(InvalidArgument, match="read-only"):
+        b.compute(gm, {"cells": np.array([1], np.int32), "delta": np.array([1], np.int32)})
     gid = b.register_graph(_shift_graph(ref))
     for cells, delta in (([4], [1]), ([-1], [1]), ([0, 0], [1, 1]), ([1], [1 << 25]), ([1], [-(1 << 31)]),
                          ([1, 2], [1])):
