@@ -3,6 +3,8 @@ shifted cache against a fresh prefill at the new positions (F32 and F16 caches, 
 gemma3's neox rope), and generations that run past the slot with --context-shift."""
 from __future__ import annotations
 
+import threading
+
 import httpx
 import numpy as np
 import pytest
@@ -272,3 +274,23 @@ def test_http_context_shift(models):
     finally:
         on.stop()
         off.stop()
+
+
+def test_shift_leaves_the_other_slots_alone(models):
+    """Two slots decoding together, one shifting past its context: each gives the tokens it gives alone."""
+    model = load_model(str(models / "two.gguf"), [LocalBackend()], n_ctx=128)
+    eng = Engine(model, EngineConfig(n_parallel=2, warmup=False, context_shift=True))
+    eng.start()
+    try:
+        long_p, short_p = list(range(40, 70)), list(range(90, 100))
+        alone_long = _gen(eng, long_p, 70, cache_prompt=False).tokens      # 30 + 70 > 64: shifts
+        alone_short = _gen(eng, short_p, 20, cache_prompt=False).tokens
+        out: dict[str, list[int]] = {}
+        t = threading.Thread(target=lambda: out.setdefault("long", _gen(eng, long_p, 70, cache_prompt=False).tokens))
+        t.start()
+        out["short"] = _gen(eng, short_p, 20, cache_prompt=False).tokens
+        t.join()
+        assert out["long"] == alone_long and out["short"] == alone_short
+    finally:
+        eng.stop()
+        model.close()
