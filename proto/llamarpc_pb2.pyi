@@ -25,6 +25,7 @@ class OpType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOFTMAX: _ClassVar[OpType]
     SOFTCAP: _ClassVar[OpType]
     POOL: _ClassVar[OpType]
+    ROPE_SHIFT: _ClassVar[OpType]
 OP_INVALID: OpType
 GET_ROWS: OpType
 RMS_NORM: OpType
@@ -41,6 +42,7 @@ SWIGLU: OpType
 SOFTMAX: OpType
 SOFTCAP: OpType
 POOL: OpType
+ROPE_SHIFT: OpType
 
 class Empty(_message.Message):
     __slots__ = ()

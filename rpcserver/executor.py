@@ -108,9 +108,9 @@ def _matmul(c: Ctx, op: OpSpec) -> Any:
 
 
 def _matmul_weight(c: Ctx, x: Any, w_i: int) -> Any:
-    if not c.stored(w_i) or c.spec(w_i).type == GGMLType.F32 or len(c.spec(w_i).shape) != 2:
-        return K.matmul(c.xp, x, c.arg(w_i))
-    ts = c.spec(w_i)
+    ts = c.spec(w_i) if c.stored(w_i) else None
+    if ts is None or ts.type == GGMLType.F32 or ts.type not in quant.TYPES or len(ts.shape) != 2:
+        return K.matmul(c.xp, x, c.arg(w_i))    # a value, or a stored tensor with no block kernel (I32): plain
     K._rows2d(x, "matmul")
     K._check(x.shape[1] == ts.shape[1], f"matmul: x {tuple(x.shape)} and weight {ts.shape} do not agree on K")
     if c.dev.is_cpu:
@@ -137,6 +137,18 @@ def _rope(c: Ctx, op: OpSpec) -> Any:
     if c.dev.is_cpu:
         return cpu_ops.rope(x, pos, at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale)
     return K.rope(c.xp, x, pos, at.head_dim, at.n_dims, at.rope_mode, at.freq_base, at.freq_scale, memo=c.rope_memo)
+
+
+def _rope_shift(c: Ctx, op: OpSpec) -> Any:
+    at, a = op.attrs, op.args
+    cells, delta = c.arg(a[1]), c.arg(a[2])
+    if cells.dtype != np.int32 or delta.dtype != np.int32:
+        raise InvalidArgument("rope_shift: cells and delta must be I32")
+    cache = c.raw(a[0])
+    if not getattr(getattr(cache, "flags", None), "writeable", True):
+        raise InvalidArgument("rope_shift: the K cache is in a read-only (mapped) buffer")
+    return K.rope_shift(c.xp, cache, cells, delta, at.head_dim, at.n_dims, at.rope_mode, at.freq_base,
+                        at.freq_scale)
 
 
 def _pool(c: Ctx, op: OpSpec) -> Any:
@@ -187,6 +199,7 @@ KERNELS: dict[int | str, Kernel] = {
     pb.SOFTMAX: _unary(K.softmax),
     pb.SOFTCAP: lambda c, op: K.softcap(c.xp, c.arg(op.args[0]), op.attrs.scale),
     pb.POOL: _pool,
+    pb.ROPE_SHIFT: _rope_shift,
 }
 assert set(KERNELS) == set(K.OP_ARITY), "every op in the op set has a kernel"  # fuse.py adds its own
 
@@ -236,6 +249,8 @@ def _op_bytes(t: int, shapes: list[tuple[int, ...]], attrs: Any) -> tuple[int, i
         transient = quant.TILE_BYTES // 4 + 2 * shapes[0][0] * shapes[0][-1]   # a weight tile, x quantized
     elif t == pb.GET_ROWS and shapes[0] and shapes[1]:
         kept = shapes[1][0] * shapes[0][-1]
+    elif t == pb.ROPE_SHIFT and shapes[0] and shapes[1]:
+        kept, transient = shapes[1][0], 4 * shapes[1][0] * shapes[0][-1]   # the cells; rows, turned, cos/sin
     elif t == pb.ATTENTION and shapes[0] and shapes[8]:
         transient = 3 * max(0, attrs.n_head) * shapes[0][0] * shapes[8][0]   # scores, exp, probs
     return 4 * kept, 4 * transient

@@ -144,7 +144,7 @@ def _check_attrs(op: pb.Op, where: str) -> None:
         raise InvalidArgument(f"{where}: rms_norm head_dim must be in [0, 2^20], got {a.head_dim}")
     if t == pb.SOFTCAP and not a.scale > 0:
         raise InvalidArgument(f"{where}: softcap needs scale > 0")
-    if t == pb.ROPE:
+    if t in (pb.ROPE, pb.ROPE_SHIFT):
         if not (0 < a.head_dim <= 1024) or not (0 < a.n_dims <= a.head_dim) or a.n_dims % 2:
             raise InvalidArgument(f"{where}: rope needs 0 < n_dims <= head_dim <= 1024, n_dims even")
         if a.rope_mode not in (0, 2):
@@ -220,6 +220,13 @@ def compile_graph(graph: pb.Graph, memory: Memory, session: str) -> Plan:
                     raise InvalidArgument(f"{where}: the K/V caches must be tensors in a buffer")
                 if tensors[a - len(inputs)].type not in (GGMLType.F32, GGMLType.F16):
                     raise InvalidArgument(f"{where}: the K/V caches must be F32 or F16")
+        if op.type == pb.ROPE_SHIFT:
+            c = op.args[0]
+            if not len(inputs) <= c < base:
+                raise InvalidArgument(f"{where}: rope_shift's K cache must be a tensor in a buffer")
+            ts = tensors[c - len(inputs)]
+            if ts.type not in (GGMLType.F32, GGMLType.F16) or len(ts.shape) != 2 or ts.shape[1] % op.attrs.head_dim:
+                raise InvalidArgument(f"{where}: rope_shift's K cache must be a 2-d F32 or F16 tensor of whole heads")
         ops.append(OpSpec(op.type, tuple(op.args), op.attrs))
     outputs: list[tuple[str, int]] = []
     out_names: set[str] = set()

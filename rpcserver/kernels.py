@@ -161,6 +161,31 @@ def rope(xp: Any, x: Array, pos: Array, head_dim: int, n_dims: int, mode: int,
     return xp.reshape(rot, (n, width))
 
 
+MAX_SHIFT = 1 << 24     # |delta| of a ROPE_SHIFT: positions are below this anyway
+
+
+def rope_shift(xp: Any, cache: Array, cells: Array, delta: Array, head_dim: int, n_dims: int, mode: int,
+               freq_base: float, freq_scale: float) -> Array:
+    """Context shift, in place: cache[cells[i]] = rope(cache[cells[i]], delta[i]). RoPE turns
+    each pair by pos * theta, so turning a cached K (at p) by delta gives the K at p + delta. The
+    rows go through float32 and back to the cache's type (F32 or F16). Returns the cells."""
+    _rows2d(cache, "rope_shift: k_cache")
+    n = cells.shape[0] if cells.ndim == 1 else -1
+    _check(n >= 0 and delta.shape == (n,), f"rope_shift: cells and delta must be [N], got {tuple(cells.shape)} "
+           f"and {tuple(delta.shape)}")
+    if n == 0:
+        return cells
+    m = cache.shape[0]
+    _check(int(xp.min(cells)) >= 0 and int(xp.max(cells)) < m, f"rope_shift: cells must be in [0, {m})")
+    _check(int(xp.max(xp.abs(xp.astype(delta, xp.int64)))) <= MAX_SHIFT, f"rope_shift: |delta| must be at most {MAX_SHIFT}")
+    order = xp.argsort(cells)
+    sc, sd = xp.take(cells, order, axis=0), xp.take(delta, order, axis=0)
+    _check(n == 1 or bool(xp.all(sc[1:] != sc[:-1])), "rope_shift: cells must be distinct")
+    rows = xp.astype(xp.take(cache, sc, axis=0), xp.float32)
+    write_cells(xp, cache, sc, rope(xp, rows, sd, head_dim, n_dims, mode, freq_base, freq_scale))
+    return cells
+
+
 def write_cells(xp: Any, cache: Array, cells: Array, new: Array) -> None:
     """cache[cells[t]] = new[t], one slice assignment per run of consecutive cells (the array API
     has no integer-array assignment; runs are few: the frontend allocates cells in order)."""
@@ -256,5 +281,5 @@ OP_ARITY: dict[int, tuple[int, int]] = {
     pb.GET_ROWS: (2, 2), pb.RMS_NORM: (1, 2), pb.LAYER_NORM: (1, 1), pb.MATMUL: (2, 2),
     pb.ADD: (2, 2), pb.MUL: (2, 2), pb.SCALE: (1, 1), pb.ROPE: (2, 2), pb.ATTENTION: (10, 10),
     pb.SILU: (1, 1), pb.GELU: (1, 1), pb.SWIGLU: (2, 2), pb.SOFTMAX: (1, 1), pb.SOFTCAP: (1, 1),
-    pb.POOL: (2, 2),
+    pb.POOL: (2, 2), pb.ROPE_SHIFT: (3, 3),
 }

@@ -396,8 +396,9 @@ def test_fuzz_random_graphs(fz, spec, session, data):
 PLAUSIBLE_INPUTS = [("x", T.F32, ("n", 8)), ("h", T.F32, ("n", 4)), ("z", T.F32, ("n", 32)),
                     ("ids", T.I32, ("n",)), ("pos", T.I32, ("n",)), ("kvp", T.I32, ("l",))]
 ALL_OPS = [pb.GET_ROWS, pb.RMS_NORM, pb.LAYER_NORM, pb.MATMUL, pb.ADD, pb.MUL, pb.SCALE, pb.ROPE, pb.ATTENTION,
-           pb.SILU, pb.GELU, pb.SWIGLU, pb.SOFTMAX, pb.SOFTCAP, pb.POOL]
-ARITY = {pb.GET_ROWS: 2, pb.MATMUL: 2, pb.ADD: 2, pb.MUL: 2, pb.ROPE: 2, pb.ATTENTION: 10, pb.SWIGLU: 2, pb.POOL: 2}
+           pb.SILU, pb.GELU, pb.SWIGLU, pb.SOFTMAX, pb.SOFTCAP, pb.POOL, pb.ROPE_SHIFT]
+ARITY = {pb.GET_ROWS: 2, pb.MATMUL: 2, pb.ADD: 2, pb.MUL: 2, pb.ROPE: 2, pb.ATTENTION: 10, pb.SWIGLU: 2, pb.POOL: 2,
+         pb.ROPE_SHIFT: 3}
 GOOD_ATTRS = st.builds(
     pb.Attrs, eps=st.sampled_from([1e-5, 1e-6]), scale=st.sampled_from([1.0, 0.5, 30.0]),
     head_dim=st.sampled_from([4, 2, 8]), n_dims=st.sampled_from([4, 2]), rope_mode=st.sampled_from([0, 2]),
@@ -437,6 +438,9 @@ def draw_plausible_graph(fz: Fuzzer, data: st.DataObject) -> tuple[pb.Graph, lis
             args = [data.draw(earlier, "q"), data.draw(earlier, "k"), data.draw(earlier, "v"),
                     data.draw(caches, "k_cache"), data.draw(caches, "v_cache"),
                     *data.draw(st.lists(earlier, min_size=5, max_size=5), "cells..kv_seq")]
+        elif t == pb.ROPE_SHIFT:
+            caches = st.one_of(st.sampled_from([n_in + i for i in CACHE_TENSORS]), earlier)
+            args = [data.draw(caches, "k_cache"), *data.draw(st.lists(earlier, min_size=2, max_size=2), "cells, delta")]
         else:
             args = data.draw(st.lists(earlier, min_size=ARITY.get(t, 1), max_size=ARITY.get(t, 1)), "args")
         attrs = data.draw(ATTRS if data.draw(st.integers(0, 9), "bad attrs") == 5 else GOOD_ATTRS, "attrs")

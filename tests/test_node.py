@@ -147,6 +147,34 @@ def test_runtime_shape_errors_are_invalid_argument(backend):
         backend.compute(gid, {"a": np.zeros((2, 4), np.float32), "b": np.zeros((3, 5), np.float32)})
 
 
+def test_matmul_by_a_stored_tensor_with_no_block_kernel(backend):
+    """A stored I32 matrix as a MATMUL weight has no block kernel: the plain path computes it (the
+    fuzzer found it reaching the quantized dispatch and failing as UNKNOWN), fused (two matmuls of
+    one activation) and alone."""
+    buf = backend.alloc_buffer(1024)
+    w = np.arange(32, dtype=np.int32).reshape(4, 8)
+    backend.set_tensor(buf, 0, w)
+    gb = GraphBuilder()
+    x = gb.input("x", T.F32, ("n", 8))
+    wi = gb.tensor(TensorRef(buf, 0, T.I32, (4, 8)))
+    gb.output("y", gb.matmul(x, wi))
+    gb.output("z", gb.matmul(x, wi))
+    gid = backend.register_graph(gb.build())
+    x = np.ones((2, 8), np.float32)
+    out = backend.compute(gid, {"x": x})
+    np.testing.assert_allclose(out["y"], x @ w.T.astype(np.float32))
+    np.testing.assert_allclose(out["z"], out["y"])
+    gid = backend.register_graph(_one_matmul_i32(buf))
+    np.testing.assert_allclose(backend.compute(gid, {"x": x})["y"], x @ w.T.astype(np.float32))
+
+
+def _one_matmul_i32(buf: int) -> pb.Graph:
+    gb = GraphBuilder()
+    x = gb.input("x", T.F32, ("n", 8))
+    gb.output("y", gb.matmul(x, gb.tensor(TensorRef(buf, 0, T.I32, (4, 8)))))
+    return gb.build()
+
+
 def test_protocol_version_mismatch():
     with pytest.raises(FailedPrecondition, match="client speaks 99, node speaks 1"):
         Node("cpu", capacity=1 << 20).hello(99)

@@ -156,7 +156,7 @@ def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = Fa
         cache_prompt=_or(r.cache_prompt, s.cache_prompt), n_probs=n_probs,
         post_sampling_probs=bool(r.post_sampling_probs), return_tokens=bool(r.return_tokens),
         stream=bool(r.stream), id_slot=id_slot, timings_per_token=bool(r.timings_per_token),
-        n_keep=_or(r.n_keep, 0), model=s.model_name, lora=lora,
+        n_keep=_or(r.n_keep, 0), n_discard=_or(r.n_discard, 0), model=s.model_name, lora=lora,
     )
 
 

@@ -16,7 +16,8 @@ from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
 from .metrics import CONTENT_TYPE
 from .params import check_context, n_choices, task_params
-from .schemas import ApplyTemplateRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .schemas import ApplyTemplateRequest, CompletionRequest, DetokenizeRequest, SlotActionRequest, TokenizeRequest
+from .slot_actions import slot_action
 from .state import ServerState
 from .stream import SSE_DONE, SSE_HEADERS, ClientGone, Submission, sse
 
@@ -94,6 +95,12 @@ async def slots(request: Request) -> Response:
     if request.query_params.get("fail_on_no_slot") in ("1", "true") and all(s.busy for s in st.engine.slots):
         return error_response(503, "no slot available", "unavailable_error")
     return JSONResponse([_slot_json(st, s) for s in st.engine.slots])
+
+
+@router.post("/slots/{id_slot}")
+async def slots_action(request: Request, id_slot: str, r: SlotActionRequest | None = None) -> Response:
+    """save / restore / erase a slot's KV cache (slot_actions.py)."""
+    return await slot_action(request, _state(request), id_slot, r)
 
 
 @router.get("/metrics")

@@ -129,6 +129,7 @@ class CompletionOptions(SamplingFields):
     stream: Flag | None = None
     timings_per_token: Flag | None = None
     n_keep: Int | None = Field(None, ge=-1)
+    n_discard: Int | None = Field(None, ge=0)     # context shift: tokens dropped after n_keep (0: half the rest)
     grammar: str | None = None
     json_schema: dict[str, Any] | bool | None = None
     model: str | None = None
@@ -274,6 +275,11 @@ class RerankRequest(Lenient):
     top_n: Int | None = Field(None, ge=0)
     return_text_documents: Flag | None = None
     model: str | None = None
+
+
+class SlotActionRequest(Lenient):
+    """POST /slots/{id}?action=save|restore (erase takes no body): a plain file name in --slot-save-path."""
+    filename: str | None = None
 
 
 class ResponsesRequest(Lenient):

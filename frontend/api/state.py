@@ -36,6 +36,7 @@ class ServerSettings:
     max_json_depth: int = 64                # deeper nesting is a 400
     embeddings: bool = False                # --embeddings (--reranking sets it too)
     pooling: str | None = None              # --pooling; None: the model's own
+    slot_save_path: str = ""                # --slot-save-path: POST /slots/{id}?action=save|restore here
 
     @property
     def model_name(self) -> str:

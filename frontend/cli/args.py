@@ -63,7 +63,7 @@ FLAGS: list[Flag] = [
     Flag(("--chat-template-file",), "file with a jinja chat template", env=_a("CHAT_TEMPLATE_FILE"),
          metavar="FNAME"),
     Flag(("-n", "--n-predict"), "tokens to generate: -1 = until end of generation, -2 = until the context is full "
-         "(the same here: there is no context shift)", ranged(int, -2), -1, env=_a("N_PREDICT"), metavar="N"),
+         "(the same without --context-shift)", ranged(int, -2), -1, env=_a("N_PREDICT"), metavar="N"),
     Flag(("-c", "--ctx-size"), "context size, 0 = min(training context, 4096)", _NONNEG, 0, env=_a("CTX_SIZE"),
          metavar="N"),
     Flag(("-ctk", "--cache-type-k"), "KV cache type for K (K and V share one type here)", str, "f32",
@@ -121,6 +121,12 @@ FLAGS: list[Flag] = [
     Flag(("--slots",), "enable GET /slots", None, False, env=_a("ENDPOINT_SLOTS"), group=SERVER),
     Flag(("--no-slots",), "disable GET /slots (the default)", None, env=_a("NO_ENDPOINT_SLOTS"), dest="slots",
          store=False, group=SERVER),
+    Flag(("--slot-save-path",), "directory of POST /slots/{id}?action=save|restore files (off when not given)",
+         str, "", env=_a("SLOT_SAVE_PATH"), group=SERVER, metavar="PATH"),
+    Flag(("--context-shift",), "when a slot's context fills during generation, drop the oldest tokens after "
+         "n_keep and go on", None, False, env=_a("CONTEXT_SHIFT")),
+    Flag(("--no-context-shift",), "stop a generation when the slot's context is full (the default)", None,
+         env=_a("NO_CONTEXT_SHIFT"), dest="context_shift", store=False),
     Flag(("--embedding", "--embeddings"), "serve embeddings (/v1/embeddings, /embedding)", None, False,
          env=_a("EMBEDDINGS"), group=SERVER),
     Flag(("--pooling",), "embeddings' pooling (default: the model's, else none)", str, None, env=_a("POOLING"),

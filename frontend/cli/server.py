@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,13 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def slot_save_path(value: str) -> str:
+    """--slot-save-path: an existing directory (as llama-server checks it), or "" (off)."""
+    if value and not os.path.isdir(value):
+        raise CLIError(f"--slot-save-path: not a directory: {value}")
+    return os.path.abspath(value) if value else ""
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Every flag checked here, before anything loads: a bad value is a ValueError."""
     from ..api import ServerSettings
@@ -51,7 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         sampling=sampling, chat_template=template, system_prompt=args.system_prompt, api_keys=_api_keys(args),
         metrics=args.metrics, slots=args.slots, webui=args.webui, timeout=args.timeout, cache_prompt=args.cache_prompt,
         ignore_eos=args.ignore_eos, cors_origins=origins, max_body=args.max_body, max_json_depth=args.max_json_depth,
-        embeddings=args.embeddings or args.reranking, pooling="rank" if args.reranking else args.pooling)
+        embeddings=args.embeddings or args.reranking, pooling="rank" if args.reranking else args.pooling,
+        slot_save_path=slot_save_path(args.slot_save_path))
 
 
 def make_server(args: argparse.Namespace) -> Server:

@@ -106,4 +106,5 @@ def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True
     from ..engine import EngineConfig
 
     return EngineConfig(n_parallel=n_parallel, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                        prefill_chunk=args.prefill_chunk, node_grace=args.node_grace, warmup=warmup)
+                        prefill_chunk=args.prefill_chunk, node_grace=args.node_grace, warmup=warmup,
+                        context_shift=args.context_shift)

@@ -30,6 +30,7 @@ from llamarpc.proto.errors import BackendError, NodeUnavailable
 from ..sampling import Sampler
 from ..sampling.dry import dry_breakers
 from .budget import StepBudget
+from .context_shift import KVShifter, shift_slot
 from .fork import Forks
 from .kv_cells import KVCells
 from .loader import Model
@@ -53,6 +54,7 @@ class EngineConfig:
     recover_interval: float = 1.0
     node_grace: float = 5.0         # seconds a lost node has to come back before its layers move
     warmup: bool = True
+    context_shift: bool = False     # a full slot drops tokens after n_keep and goes on (context_shift.py)
 
 
 @dataclasses.dataclass
@@ -97,6 +99,9 @@ class Engine:
             raise ValueError(f"context {self.n_ctx} is too small for {cfg.n_parallel} slots")
         self.kv = KVCells(self.n_ctx)
         self.slots = [Slot(i, self.n_ctx_slot) for i in range(cfg.n_parallel)]
+        for s in self.slots:
+            s.context_shift = cfg.context_shift
+        self.shifter = KVShifter(model.pipeline)
         self.budget = StepBudget(cfg.n_batch, cfg.stall_factor, cfg.prefill_chunk)
         self.metrics = EngineMetrics()
         self.health_error: str | None = None
@@ -344,6 +349,9 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------------
     def _step(self) -> None:
         busy = [s for s in self.slots if s.busy and not self.forks.waiting(s)]
+        for s in busy:
+            if s.context_shift and s.state == SlotState.GENERATING and len(s.todo) == 1 and len(s.cache) >= s.n_ctx:
+                shift_slot(self.kv, s, self.shifter, self.tokenizer.add_bos)
         dec = [s for s in busy if s.state == SlotState.GENERATING and len(s.todo) == 1]
         pre = sorted((s for s in busy if s not in dec),
                      key=lambda s: s.task.t_arrival if s.task is not None else 0.0)

@@ -50,6 +50,8 @@ class Slot:
         self.last_used = 0.0
         self.has_new_line = False
         self.lora: tuple[float, ...] = ()   # the LoRA scales `cache` was computed with
+        self.context_shift = False      # --context-shift: a full context is shifted, not the end
+        self.shifted = False            # this request's context was shifted (it is "truncated")
 
     @property
     def busy(self) -> bool:
@@ -71,6 +73,7 @@ class Slot:
         self.generated, self.probs = [], []
         self.n_decoded = 0
         self.has_new_line = False
+        self.shifted = False
         self.t_start = time.perf_counter()
         self.t_prompt_done = self.t_last = 0.0
 
@@ -135,7 +138,7 @@ class Slot:
         truncated = False
         if not stop and p.n_predict > 0 and self.n_decoded >= p.n_predict:
             stop = STOP_LIMIT
-        if not stop and len(self.cache) >= self.n_ctx:
+        if not stop and len(self.cache) >= self.n_ctx and not (self.context_shift and p.n_predict != -2):
             stop, truncated = STOP_LIMIT, True
         events = [PartialEvent(task.index, text, [tok], probs, self.n_decoded, len(task.prompt), self.id,
                                self.timings() if p.timings_per_token else None)]
@@ -152,7 +155,7 @@ class Slot:
         assert task is not None and out is not None
         word = out.stopping_word if stop == STOP_WORD else ""
         return FinalEvent(task.index, out.text, list(self.generated), stop, word, self.n_decoded, len(task.prompt),
-                          len(self.cache), truncated, self.timings(), list(self.probs), self.id, task.params,
+                          len(self.cache), truncated or self.shifted, self.timings(), list(self.probs), self.id, task.params,
                           task.prompt, self.has_new_line)
 
     def to_json(self) -> dict:

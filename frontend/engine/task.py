@@ -32,6 +32,7 @@ class TaskParams:
     id_slot: int = -1
     timings_per_token: bool = False
     n_keep: int = 0
+    n_discard: int = 0              # context shift: tokens dropped after n_keep; 0 = half of the rest
     model: str = ""
     lora: tuple[float, ...] | None = None   # a scale per LoRA adapter; None: the global scales
 
@@ -48,7 +49,7 @@ class TaskParams:
             "dry_penalty_last_n": s.dry_penalty_last_n, "dry_sequence_breakers": list(s.dry_sequence_breakers),
             "mirostat": s.mirostat, "mirostat_tau": s.mirostat_tau, "mirostat_eta": s.mirostat_eta,
             "stop": list(self.stop), "max_tokens": self.n_predict, "n_predict": self.n_predict,
-            "n_keep": self.n_keep, "n_discard": 0, "ignore_eos": self.ignore_eos, "stream": self.stream,
+            "n_keep": self.n_keep, "n_discard": self.n_discard, "ignore_eos": self.ignore_eos, "stream": self.stream,
             "logit_bias": [{"bias": b if b != float("-inf") else False, "token": t} for t, b in s.logit_bias],
             "n_probs": self.n_probs, "min_keep": s.min_keep, "grammar": s.grammar.source if s.grammar is not None else "",
             "samplers": list(s.samplers),

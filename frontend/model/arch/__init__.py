@@ -1,4 +1,4 @@
-"""One module per ``general.architecture``; each exposes args_from_metadata, tensor_names and
+"""One module per ``general.architecture``; each exposes args_from_metadata, tensor_names, rope_attrs and
 build_graph."""
 from __future__ import annotations
 

@@ -138,6 +138,12 @@ def _norm(gb: GraphBuilder, x: Value, w: Value, eps: float) -> Value:
     return gb.mul(gb.rms_norm(x, eps), w)
 
 
+def rope_attrs(args: Gemma3Args, i: int) -> dict:
+    """Layer i's rope (GraphBuilder.rope's keywords): neox, the local or the global base."""
+    base, scale = args.rope(i)
+    return dict(head_dim=args.head_dim, n_dims=args.head_dim, mode=ROPE_NEOX, freq_base=base, freq_scale=scale)
+
+
 def build_layer(gb: GraphBuilder, args: Gemma3Args, i: int, x: Value, w: Callable[[str], Value],
                 kv: tuple[Value, Value], s: StepInputs) -> Value:
     p = f"blk.{i}"
@@ -148,8 +154,7 @@ def build_layer(gb: GraphBuilder, args: Gemma3Args, i: int, x: Value, w: Callabl
     v = gb.matmul(h, w(f"{p}.attn_v.weight"))
     q = gb.head_rms_norm(q, w(f"{p}.attn_q_norm.weight"), eps, hd)
     k = gb.head_rms_norm(k, w(f"{p}.attn_k_norm.weight"), eps, hd)
-    base, scale = args.rope(i)
-    rope = dict(head_dim=hd, n_dims=hd, mode=ROPE_NEOX, freq_base=base, freq_scale=scale)
+    rope = rope_attrs(args, i)
     q = gb.rope(q, s.pos, **rope)
     k = gb.rope(k, s.pos, **rope)
     a = gb.attention(q, k, v, kv[0], kv[1], s.cells, s.pos, s.seq, s.kv_pos, s.kv_seq,

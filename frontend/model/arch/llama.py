@@ -152,6 +152,12 @@ def build_layer(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, w: Callable
     return attend_and_ffn(gb, args, i, x, q, k, v, w, kv, s)
 
 
+def rope_attrs(args: ModelArgs, i: int) -> dict:
+    """Layer i's rope (GraphBuilder.rope's keywords): the K cache holds K turned by these."""
+    return dict(head_dim=args.head_dim, n_dims=args.n_rot, mode=args.rope_mode,
+                freq_base=args.rope_base, freq_scale=args.rope_scale)
+
+
 def attend_and_ffn(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, q: Value, k: Value, v: Value,
                    w: Callable[[str], Value], kv: tuple[Value, Value], s: StepInputs,
                    ffn: Callable[[Value], Value] | None = None) -> Value:
@@ -161,8 +167,7 @@ def attend_and_ffn(gb: GraphBuilder, args: ModelArgs, i: int, x: Value, q: Value
     if args.qk_norm:
         q = gb.head_rms_norm(q, w(f"{p}.attn_q_norm.weight"), args.rms_eps, args.head_dim)
         k = gb.head_rms_norm(k, w(f"{p}.attn_k_norm.weight"), args.rms_eps, args.head_dim)
-    rope = dict(head_dim=args.head_dim, n_dims=args.n_rot, mode=args.rope_mode,
-                freq_base=args.rope_base, freq_scale=args.rope_scale)
+    rope = rope_attrs(args, i)
     q = gb.rope(q, s.pos, **rope)
     k = gb.rope(k, s.pos, **rope)
     a = gb.attention(q, k, v, kv[0], kv[1], s.cells, s.pos, s.seq, s.kv_pos, s.kv_seq,

@@ -15,7 +15,7 @@ from typing import Any
 from llamarpc.client import GraphBuilder, Value
 
 from . import llama
-from .llama import ModelArgs, StepInputs, attend_and_ffn
+from .llama import ModelArgs, StepInputs, attend_and_ffn, rope_attrs  # noqa: F401 - the arch interface
 
 
 def args_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> ModelArgs:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import llama
-from .llama import build_graph, tensor_names
+from .llama import build_graph, rope_attrs, tensor_names
 
 ModelArgs = llama.ModelArgs
 
@@ -17,4 +17,4 @@ def args_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[
     return llama.ModelArgs.from_metadata(md, tensor_shapes, rope_mode=llama.ROPE_NEOX, qkv_bias=True)
 
 
-__all__ = ["ModelArgs", "args_from_metadata", "build_graph", "tensor_names"]
+__all__ = ["ModelArgs", "args_from_metadata", "build_graph", "rope_attrs", "tensor_names"]

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import llama
-from .llama import build_graph, tensor_names
+from .llama import build_graph, rope_attrs, tensor_names
 
 ModelArgs = llama.ModelArgs
 
@@ -19,4 +19,4 @@ def args_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[
     return llama.ModelArgs.from_metadata(md, tensor_shapes, rope_mode=llama.ROPE_NEOX, qk_norm=True)
 
 
-__all__ = ["ModelArgs", "args_from_metadata", "build_graph", "tensor_names"]
+__all__ = ["ModelArgs", "args_from_metadata", "build_graph", "rope_attrs", "tensor_names"]
