@@ -7,13 +7,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chat import parse_messages, render_prompt, template_extra
+from .chat import parse_messages, template_extra
+from .chat_reply import ReasoningStream, reasoning_deltas, split_reply
+from .chat_request import chat_prompt
 from .checks import encode_chat_off_loop
 from .errors import bad_request
 from .formats import (
     chat_completion,
     chat_delta,
-    chat_delta_chunk,
     chat_final_chunks,
     chat_first_chunk,
     completion_id,
@@ -78,7 +79,8 @@ async def chat_completions(request: Request) -> Response:
     extra = template_extra(body)
     extra.pop("tools", None)
     extra.update(template_tools(spec))
-    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, extra), st.engine.n_ctx_slot)
+    rendered = chat_prompt(st, body, messages, extra)
+    prompt = await encode_chat_off_loop(st.model.tokenizer, rendered.text, st.engine.n_ctx_slot)
     if not prompt:
         raise bad_request("the chat template rendered an empty prompt")
     check_context([prompt], params, st.engine.n_ctx_slot)
@@ -93,20 +95,22 @@ async def chat_completions(request: Request) -> Response:
     sub = Submission(st, request, [prompt], params)
     sub.start()
     if not params.stream:
-        reply = chat_completion((await _collect(sub))[0], cid, model)
+        reply = split_reply(chat_completion((await _collect(sub))[0], cid, model), rendered)
         return JSONResponse(shape_reply(reply, spec) if spec is not None else reply)
+
+    thinking = ReasoningStream(rendered, cid, model, params.post_sampling_probs)
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
             if spec is None:
-                return chat_final_chunks(ev, cid, model, include_usage)
-            deltas, calls = stream_deltas(ev.content, spec)      # held back until it parses
+                return thinking.finish() + chat_final_chunks(ev, cid, model, include_usage)
+            reasoning, content = reasoning_deltas(ev.content, rendered)
+            deltas, calls = stream_deltas(content, spec)      # held back until it parses
             last = chat_final_chunks(ev, cid, model, include_usage)
             last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
-            return [chat_delta(cid, model, d) for d in deltas] + last
+            return [chat_delta(cid, model, d) for d in reasoning + deltas] + last
         if spec is not None:
             return []
-        chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
-        return [chunk] if chunk is not None else []
+        return thinking.partial(ev)
 
     return await stream_events(sub, fmt, [chat_first_chunk(cid, model)], done=True)

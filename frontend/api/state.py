@@ -36,6 +36,9 @@ class ServerSettings:
     max_json_depth: int = 64                # deeper nesting is a 400
     embeddings: bool = False                # --embeddings (--reranking sets it too)
     pooling: str | None = None              # --pooling; None: the model's own
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)  # --chat-template-kwargs
+    reasoning_format: str = "auto"          # --reasoning-format: none | deepseek | auto
+    reasoning_budget: int = -1              # --reasoning-budget: 0 renders templates with enable_thinking=false
 
     @property
     def model_name(self) -> str:
