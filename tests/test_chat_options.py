@@ -38,6 +38,7 @@ QWEN3 = """{%- for message in messages %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
 {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- if open_think %}{{- '<think>\\n' }}{%- endif %}
 {%- endif %}"""
 # DeepSeek-R1-distill's shape: the generation prompt opens the thinking block itself
 FORCED = QWEN3.replace("{{- '<|im_start|>assistant\\n' }}\n{%- if enable_thinking",
@@ -240,3 +241,17 @@ def test_reasoning_split_over_http(http):
     assert all("<" not in (d.get("content") or "") for d in deltas)    # no tag text leaks into content
     assert any("reasoning_content" in d for d in deltas)
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_reasoning_streamed_when_the_prompt_opens_the_block(http):
+    # the template writes '<think>\n' into the prompt: the reply starts inside the thinking block
+    body = {"messages": USER, "temperature": 0, "max_tokens": 40, "stream": True,
+            "chat_template_kwargs": {"open_think": True}, "grammar": 'root ::= "plan: say done\\n</think>\\n\\nDone."'}
+    assert http.post("/apply-template", json=body).json()["prompt"].endswith("assistant\n<think>\n")
+    with http.stream("POST", "/v1/chat/completions", json=body) as s:
+        deltas = [e["choices"][0]["delta"] for e in sse_events(s.iter_lines())
+                  if isinstance(e, dict) and e["choices"]][1:]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "plan: say done"
+    assert "".join(d.get("content") or "" for d in deltas) == "Done."
+    msg = http.post("/v1/chat/completions", json={**body, "stream": False}).json()["choices"][0]["message"]
+    assert (msg["reasoning_content"], msg["content"]) == ("plan: say done", "Done.")
