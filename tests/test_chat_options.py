@@ -255,3 +255,20 @@ def test_reasoning_streamed_when_the_prompt_opens_the_block(http):
     assert "".join(d.get("content") or "" for d in deltas) == "Done."
     msg = http.post("/v1/chat/completions", json={**body, "stream": False}).json()["choices"][0]["message"]
     assert (msg["reasoning_content"], msg["content"]) == ("plan: say done", "Done.")
+
+
+def test_smollm2_template_prefill_and_no_generation_prompt():
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not model.exists():
+        pytest.skip(f"{model.name} is absent (scripts/get-model.sh fetches it)")
+    from gguf import GGUFReader
+
+    st = _state(GGUFReader(str(model)).fields["tokenizer.chat_template"].contents())
+    system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert not supports_thinking(st.chat_template)         # so a prefill is allowed with thinking on
+    assert _prompt(st, USER, add_generation_prompt=False).text == system + "<|im_start|>user\nHi<|im_end|>\n"
+    conv = [*USER, {"role": "assistant", "content": "Hello"}]
+    want = system + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
+    assert _prompt(st, conv).text == want == _prompt(st, conv, continue_final_message=True).text
