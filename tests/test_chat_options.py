@@ -124,23 +124,44 @@ def test_add_generation_prompt_false_and_bos_text_dropped():
 def test_continue_final_message_and_prefill():
     st = _state(None)                                      # chatml
     conv = [*USER, {"role": "assistant", "content": "Hello, I am"}]
-    assert _prompt(st, conv, continue_final_message=True).text == \
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I am"
-    assert _prompt(st, conv).text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I am"  # prefill
-    assert _prompt(st, conv, continue_final_message=True, add_generation_prompt=False).reasoning_format == "none"
+    want = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello, I am"
+    assert _prompt(st, conv, continue_final_message=True, add_generation_prompt=False).text == want
+    assert _prompt(st, conv).text == want                  # prefill: the same continuation
+    assert _prompt(st, conv).reasoning_format == "none"
+
+
+def test_continuation_with_thinking_tags():
+    # as common/chat.cpp: the generation prompt cut before its <think>, then <think> + the
+    # message's reasoning, then </think> + its content when the content is continued
+    st = _state(QWEN3)
+    head = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    conv = [*USER, {"role": "assistant", "content": "Hello"}]
+    assert _prompt(st, conv).text == head + "<think></think>Hello"
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    assert _prompt(st, conv, **off).text == head + "<think></think>Hello"
+    thinking = [*USER, {"role": "assistant", "content": "", "reasoning_content": "Let me"}]
+    p = _prompt(st, thinking)                               # true: the reasoning, as it has no content
+    assert p.text == head + "<think>Let me" and p.thinking_forced_open and p.reasoning_format == "auto"
+    both = [*USER, {"role": "assistant", "content": "Hi", "reasoning_content": "greet"}]
+    p = _prompt(st, both, continue_final_message="reasoning_content", add_generation_prompt=False)
+    assert p.text == head + "<think>greet" and p.thinking_forced_open
+    p = _prompt(st, both, continue_final_message="content", add_generation_prompt=False)
+    assert p.text == head + "<think>greet</think>Hi" and not p.thinking_forced_open
 
 
 def test_chat_option_400s():
     st = _state(None)
     conv = [*USER, {"role": "assistant", "content": "Hello"}]
-    assert "add_generation_prompt" in _400(st, conv, continue_final_message=True, add_generation_prompt=True)
-    assert "last message" in _400(st, USER, continue_final_message=True)
+    assert "Cannot set both add_generation_prompt and continue_final_message" in _400(st, conv, continue_final_message=True)
+    assert "Cannot set both" in _400(st, conv, continue_final_message=True, add_generation_prompt=True)
+    assert "last message" in _400(st, USER, continue_final_message=True, add_generation_prompt=False)
     assert "2 or more assistant" in _400(st, [*conv, {"role": "assistant", "content": "again"}])
+    calls = [*USER, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]
+    assert "tool calls" in _400(st, calls)
     assert "must be a boolean" in _400(st, USER, add_generation_prompt="yes")
+    assert "continue_final_message" in _400(st, conv, continue_final_message="maybe", add_generation_prompt=False)
     assert "reasoning_format" in _400(st, USER, reasoning_format="loud")
     assert "enable_thinking" in _400(st, USER, chat_template_kwargs={"enable_thinking": "false"})
-    assert "incompatible with enable_thinking" in _400(_state(QWEN3), conv)
-    assert _prompt(_state(QWEN3), conv, chat_template_kwargs={"enable_thinking": False}).text.endswith("Hello")
 
 
 # -- --chat-template at startup --------------------------------------------------------------------
@@ -215,8 +236,8 @@ def test_apply_template_over_http(http):
     ({"messages": [{"content": "x"}]}, "role"),
     ({"messages": [{"role": "user"}]}, "content"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "wizard"),
-    ({"messages": [*USER, {"role": "assistant", "content": "a"}], "continue_final_message": True,
-      "add_generation_prompt": True}, "continue_final_message"),
+    ({"messages": [*USER, {"role": "assistant", "content": "a"}], "continue_final_message": True},
+     "continue_final_message"),
 ])
 def test_chat_400s_over_http(http, bad, words):
     r = http.post("/v1/chat/completions", json=bad)
@@ -267,8 +288,9 @@ def test_smollm2_template_prefill_and_no_generation_prompt():
 
     st = _state(GGUFReader(str(model)).fields["tokenizer.chat_template"].contents())
     system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    assert not supports_thinking(st.chat_template)         # so a prefill is allowed with thinking on
+    assert not supports_thinking(st.chat_template)         # no <think> written into a continuation
     assert _prompt(st, USER, add_generation_prompt=False).text == system + "<|im_start|>user\nHi<|im_end|>\n"
     conv = [*USER, {"role": "assistant", "content": "Hello"}]
     want = system + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello"
-    assert _prompt(st, conv).text == want == _prompt(st, conv, continue_final_message=True).text
+    assert _prompt(st, conv).text == want == _prompt(st, conv, continue_final_message=True,
+                                                     add_generation_prompt=False).text

@@ -1,16 +1,20 @@
 """A chat request's template options, checked as llama-server checks them, and the prompt they
 render (for /v1/chat/completions and /apply-template alike).
 
-- ``add_generation_prompt`` (default true) and ``continue_final_message`` (default false, Hugging
-  Face's: the reply continues the last message, which must be the assistant's) exclude each other.
-- A last assistant message without ``continue_final_message`` is llama-server's prefill: the
-  conversation before it is rendered with the generation prompt and its text appended; two
-  assistant messages at the end, or a prefill while the template thinks, are 400s.
+- ``add_generation_prompt`` (default true).
+- ``continue_final_message`` (true, "content" or "reasoning_content"): the reply continues the last
+  message, which must be the assistant's and carry no tool calls; not with add_generation_prompt
+  true (so it needs ``add_generation_prompt: false``). A last assistant message without it is
+  llama-server's prefill, the same continuation; two assistant messages at the end are a 400.
+  As llama.cpp (common/chat.cpp): the conversation before it is rendered, then the template's
+  generation prompt, and for a template with thinking tags ``<think>`` + its reasoning_content,
+  then (continuing the content) ``</think>`` + its content. True means the reasoning when the
+  message has reasoning_content and no content, else the content.
 - ``chat_template_kwargs`` (over ``--chat-template-kwargs``) become template variables;
   ``enable_thinking`` is always passed (false with ``--reasoning-budget 0``, else true, unless the
   kwargs set it: a boolean).
 - ``reasoning_format`` (over ``--reasoning-format``) says how the reply's thinking is split out;
-  the prompt says whether the template already opened the ``<think>`` block.
+  the prompt says whether generation starts inside the ``<think>`` block.
 - As llama.cpp: the BOS text a template writes first is dropped when the tokenizer adds BOS
   itself, and a trailing EOS text when it adds EOS.
 """
@@ -21,7 +25,7 @@ import functools
 from typing import Any
 
 from ..model.chat_template import ChatTemplateError, render_chat
-from ..model.reasoning import REASONING_FORMATS, ReasoningSplitter, forced_open
+from ..model.reasoning import REASONING_FORMATS, THINK_END, THINK_START, ReasoningSplitter, forced_open
 from ..model.tokenizer import Tokenizer
 from .errors import bad_request
 from .state import ServerState
@@ -91,41 +95,58 @@ def _render(state: ServerState, messages: list[dict], add_gen: bool, kw: dict[st
         raise bad_request(str(e)) from None
 
 
-def _continued(rendered: str, final: str) -> str:
-    """Hugging Face's continue_final_message: the render cut right after the last message's text."""
-    for needle in (final, final.strip()):
-        if needle and needle in rendered:
-            return rendered[:rendered.rindex(needle) + len(needle)]
-    raise bad_request("continue_final_message is set but the final message does not appear in the chat "
-                      "after applying the chat template")
+def _continuation(body: dict) -> str:
+    v = body.get("continue_final_message")
+    if v is None or v is False:
+        return "none"
+    if v is True:
+        return "auto"
+    if v in ("content", "reasoning_content"):
+        return "content" if v == "content" else "reasoning"
+    raise bad_request("'continue_final_message' must be true, false, \"content\" or \"reasoning_content\"")
+
+
+def _continue(state: ServerState, messages: list[dict], mode: str, kw: dict[str, Any]) -> tuple[str, bool]:
+    """The prompt that continues messages[-1] (see the module docstring), and whether it ends
+    inside the thinking block."""
+    last, before = messages[-1], messages[:-1]
+    if last["role"] != "assistant":
+        raise bad_request(f"'continue_final_message' needs the last message to be the assistant's, not {last['role']!r}")
+    if last.get("tool_calls"):
+        raise bad_request("Cannot continue an assistant message that contains tool calls.")
+    reasoning = last.get("reasoning_content") or ""
+    if mode == "auto":
+        mode = "reasoning" if reasoning and not last["content"] else "content"
+    head, full = _render(state, before, False, kw), _render(state, before, True, kw)
+    head, gen = (head, full[len(head):]) if full.startswith(head) else ("", full)
+    template = state.chat_template
+    thinks = (THINK_START in template and THINK_END in template) or supports_thinking(template)
+    if thinks:
+        if THINK_START in gen:
+            gen = gen[:gen.index(THINK_START)]
+        gen += THINK_START + reasoning + (THINK_END if mode == "content" else "")
+    return head + gen + (last["content"] if mode == "content" else ""), thinks and mode == "reasoning"
 
 
 def chat_prompt(state: ServerState, body: dict, messages: list[dict], extra: dict[str, Any]) -> ChatPrompt:
     """The prompt text for checked `messages` (see the module docstring); a bad combination is a 400."""
     assert state.model is not None
     add_gen = _bool(body, "add_generation_prompt", True)
-    cont = _bool(body, "continue_final_message", False)
-    if cont and body.get("add_generation_prompt") is True:
-        raise bad_request("Cannot set both 'continue_final_message' and 'add_generation_prompt' to true")
+    cont = _continuation(body)
+    if cont == "none" and messages[-1]["role"] == "assistant":       # llama-server's prefill
+        if len(messages) >= 2 and messages[-2]["role"] == "assistant":
+            raise bad_request("Cannot have 2 or more assistant messages at the end of the list.")
+        cont, add_gen = "auto", False
+    if cont != "none" and add_gen:
+        raise bad_request("Cannot set both add_generation_prompt and continue_final_message to true.")
     fmt = body.get("reasoning_format", state.settings.reasoning_format)
     if fmt not in REASONING_FORMATS:
         raise bad_request(f"'reasoning_format' must be one of {', '.join(REASONING_FORMATS)}")
     kw = template_kwargs(state, extra)
-    last = messages[-1]
-    if cont:
-        if last["role"] != "assistant":
-            raise bad_request("'continue_final_message' needs the last message to be the assistant's, "
-                              f"not {last['role']!r}")
-        text = _continued(_render(state, messages, False, kw), last["content"])
-        fmt = "none"                        # the reply continues a message written outside the block
-    elif last["role"] == "assistant":       # llama-server's prefill
-        if len(messages) >= 2 and messages[-2]["role"] == "assistant":
-            raise bad_request("Cannot have 2 or more assistant messages at the end of the list.")
-        if kw["enable_thinking"] and supports_thinking(state.chat_template):
-            raise bad_request("Assistant response prefill is incompatible with enable_thinking.")
-        text = _render(state, messages[:-1], True, kw) + last["content"]
-        fmt = "none"
-    else:
-        text = _render(state, messages, add_gen, kw)
-    text = strip_specials(text, state.model.tokenizer)
-    return ChatPrompt(text, fmt, fmt != "none" and add_gen and not cont and forced_open(text))
+    if cont != "none":
+        text, inside = _continue(state, messages, cont, kw)
+        # continuing the content: the block (if any) is closed; continuing the reasoning: inside it
+        opened = fmt != "none" and inside
+        return ChatPrompt(strip_specials(text, state.model.tokenizer), fmt if opened else "none", opened)
+    text = strip_specials(_render(state, messages, add_gen, kw), state.model.tokenizer)
+    return ChatPrompt(text, fmt, fmt != "none" and add_gen and forced_open(text))
