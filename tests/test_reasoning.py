@@ -85,3 +85,53 @@ def test_forced_open_and_formats():
     assert not forced_open("<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="reasoning format"):
         ReasoningSplitter("deepseek-legacy")
+
+
+# -- the chat reply (frontend/api/chat_reply.py) over a fake token stream ------------------------
+def _events(pieces):
+    from llamarpc.frontend.engine import PartialEvent
+
+    return [PartialEvent(index=0, text=p, tokens=[i], probs=[], n_decoded=i + 1, n_prompt=3, id_slot=0)
+            for i, p in enumerate(pieces)]
+
+
+PIECES = ["<th", "ink>", "\nI should", " call f.", "\n</th", "ink>\n\n", "<tool_call>", '{"name": "f", ',
+          '"arguments": {"x": 1}}', "</tool_call>"]
+
+
+def test_stream_reasoning_then_content_deltas():
+    from llamarpc.frontend.api.chat_reply import ReasoningStream
+    from llamarpc.frontend.api.chat_request import ChatPrompt
+
+    s = ReasoningStream(ChatPrompt("", "auto"), "id", "m", False)
+    deltas = [c["choices"][0]["delta"] for ev in _events(PIECES) for c in s.partial(ev)] + \
+        [c["choices"][0]["delta"] for c in s.finish()]
+    assert deltas[0] == {"reasoning_content": "I should"}
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "I should call f."
+    assert "".join(d.get("content", "") for d in deltas) == "".join(PIECES[6:])
+    assert all(set(d) in ({"reasoning_content"}, {"content"}) for d in deltas)
+    assert not any("</th" in d.get("content", "") or "</th" in d.get("reasoning_content", "") for d in deltas)
+    inline = ReasoningStream(ChatPrompt("", "none"), "id", "m", False)
+    assert "".join(c["choices"][0]["delta"]["content"] for ev in _events(PIECES) for c in inline.partial(ev)) \
+        == "".join(PIECES)
+
+
+def test_tool_calls_after_reasoning_streamed_and_not():
+    from llamarpc.frontend.api.chat_reply import ReasoningStream, split_reply
+    from llamarpc.frontend.api.chat_request import ChatPrompt
+    from llamarpc.frontend.api.tools import ToolSpec, shape_reply, stream_deltas
+
+    spec = ToolSpec([{"type": "function", "function": {"name": "f", "parameters": {}}}], "auto", native=True)
+    reply = {"choices": [{"finish_reason": "stop", "index": 0,
+                          "message": {"role": "assistant", "content": "".join(PIECES)}}]}
+    msg = shape_reply(split_reply(reply, ChatPrompt("", "deepseek")), spec)["choices"][0]
+    assert msg["finish_reason"] == "tool_calls" and msg["message"]["reasoning_content"] == "I should call f."
+    assert msg["message"]["content"] is None
+    assert msg["message"]["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+    # streamed with tools: the reasoning goes out as it comes, the content is held for the parse
+    s = ReasoningStream(ChatPrompt("", "deepseek"), "id", "m", False, hold_content=True)
+    live = [c["choices"][0]["delta"] for ev in _events(PIECES) for c in s.partial(ev)]
+    assert live and all(set(d) == {"reasoning_content"} for d in live)
+    assert s.finish() == [] and s.content == "".join(PIECES[6:])
+    deltas, calls = stream_deltas(s.content, spec)
+    assert [c["function"]["name"] for c in calls] == ["f"] and "content" not in deltas[0]

@@ -24,25 +24,27 @@ def split_reply(reply: dict, prompt: ChatPrompt) -> dict:
     return reply
 
 
-def reasoning_deltas(text: str, prompt: ChatPrompt) -> tuple[list[dict], str]:
-    """For a stream held back to its end (tools): the reasoning delta, and the content left."""
-    reasoning, content = split_reasoning(text, prompt.reasoning_format, prompt.thinking_forced_open)
-    return ([{"reasoning_content": reasoning}] if reasoning else []), content
-
-
 class ReasoningStream:
-    """Chat chunks of one streamed reply, reasoning and content as separate deltas."""
+    """Chat chunks of one streamed reply, reasoning and content as separate deltas. With
+    `hold_content` (tool calls: the content is parsed once complete) only the reasoning is sent
+    as it comes; the content collects in `content`."""
 
-    def __init__(self, prompt: ChatPrompt, cid: str, model: str, post_sampling_probs: bool) -> None:
+    def __init__(self, prompt: ChatPrompt, cid: str, model: str, post_sampling_probs: bool,
+                 hold_content: bool = False) -> None:
         self.splitter = prompt.splitter()
         self.cid, self.model, self.post = cid, model, post_sampling_probs
+        self.hold = hold_content
+        self.content = ""
 
     def _chunks(self, parts: list[tuple[str, str]]) -> list[dict]:
+        if self.hold:
+            self.content += "".join(t for k, t in parts if k == "content")
+            parts = [(k, t) for k, t in parts if k == "reasoning"]
         return [chat_delta(self.cid, self.model, {_KEY[kind]: text}) for kind, text in parts if text]
 
     def partial(self, ev: PartialEvent) -> list[dict]:
         chunks = self._chunks(self.splitter.feed(ev.text)) if ev.text else []
-        if ev.probs:
+        if ev.probs and not self.hold:
             if not chunks:
                 chunks = [chat_delta(self.cid, self.model, {"content": ""})]
             chunks[-1]["choices"][0]["logprobs"] = {"content": probs_json(ev.probs, self.post)}

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
 from .chat import parse_messages, template_extra
-from .chat_reply import ReasoningStream, reasoning_deltas, split_reply
+from .chat_reply import ReasoningStream, split_reply
 from .chat_request import chat_prompt
 from .checks import encode_chat_off_loop
 from .errors import bad_request
@@ -98,19 +98,17 @@ async def chat_completions(request: Request) -> Response:
         reply = split_reply(chat_completion((await _collect(sub))[0], cid, model), rendered)
         return JSONResponse(shape_reply(reply, spec) if spec is not None else reply)
 
-    thinking = ReasoningStream(rendered, cid, model, params.post_sampling_probs)
+    thinking = ReasoningStream(rendered, cid, model, params.post_sampling_probs, hold_content=spec is not None)
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
         if isinstance(ev, FinalEvent):
             if spec is None:
                 return thinking.finish() + chat_final_chunks(ev, cid, model, include_usage)
-            reasoning, content = reasoning_deltas(ev.content, rendered)
-            deltas, calls = stream_deltas(content, spec)      # held back until it parses
+            reasoning = thinking.finish()
+            deltas, calls = stream_deltas(thinking.content, spec)      # held back until it parses
             last = chat_final_chunks(ev, cid, model, include_usage)
             last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
-            return [chat_delta(cid, model, d) for d in reasoning + deltas] + last
-        if spec is not None:
-            return []
+            return reasoning + [chat_delta(cid, model, d) for d in deltas] + last
         return thinking.partial(ev)
 
     return await stream_events(sub, fmt, [chat_first_chunk(cid, model)], done=True)
