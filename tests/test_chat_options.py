@@ -100,6 +100,8 @@ def test_qwen3_enable_thinking_and_history_reasoning():
     cli_off = _state(QWEN3, chat_template_kwargs={"enable_thinking": False})       # --chat-template-kwargs
     assert _prompt(cli_off, USER).text == off.text
     assert _prompt(cli_off, USER, chat_template_kwargs={"enable_thinking": True}).text == on.text
+    assert _prompt(st, USER, reasoning_effort="none").text == off.text                 # OpenAI's field
+    assert "low" in _prompt(_state("{{ reasoning_effort }}"), USER, reasoning_effort="low").text
     history = [*USER, {"role": "assistant", "content": "Hello!", "reasoning_content": "greet back"},
                {"role": "user", "content": "Bye"}]
     assert ("<|im_start|>assistant\n<think>\ngreet back\n</think>\n\nHello!<|im_end|>\n"
@@ -162,6 +164,7 @@ def test_chat_option_400s():
     assert "continue_final_message" in _400(st, conv, continue_final_message="maybe", add_generation_prompt=False)
     assert "reasoning_format" in _400(st, USER, reasoning_format="loud")
     assert "enable_thinking" in _400(st, USER, chat_template_kwargs={"enable_thinking": "false"})
+    assert "reasoning_effort" in _400(st, USER, reasoning_effort=3)
 
 
 # -- --chat-template at startup --------------------------------------------------------------------

@@ -11,8 +11,8 @@ render (for /v1/chat/completions and /apply-template alike).
   then (continuing the content) ``</think>`` + its content. True means the reasoning when the
   message has reasoning_content and no content, else the content.
 - ``chat_template_kwargs`` (over ``--chat-template-kwargs``) become template variables;
-  ``enable_thinking`` is always passed (false with ``--reasoning-budget 0``, else true, unless the
-  kwargs set it: a boolean).
+  ``enable_thinking`` is always passed (false with ``--reasoning-budget 0`` or ``reasoning_effort:
+  "none"``, else true, unless the kwargs set it: a boolean).
 - ``reasoning_format`` (over ``--reasoning-format``) says how the reply's thinking is split out;
   the prompt says whether generation starts inside the ``<think>`` block.
 - As llama.cpp: the BOS text a template writes first is dropped when the tokenizer adds BOS
@@ -75,13 +75,22 @@ def supports_thinking(template: str) -> bool:
         return False
 
 
-def template_kwargs(state: ServerState, extra: dict[str, Any]) -> dict[str, Any]:
-    """--chat-template-kwargs, the request's variables over them, and enable_thinking."""
+def template_kwargs(state: ServerState, body: dict, extra: dict[str, Any]) -> dict[str, Any]:
+    """--chat-template-kwargs, the request's variables over them, and enable_thinking; OpenAI's
+    ``reasoning_effort`` "none" turns thinking off, another level is passed to the template."""
     kw = {**state.settings.chat_template_kwargs, **extra}
     thinking = kw.get("enable_thinking", state.settings.reasoning_budget != 0)
     if not isinstance(thinking, bool):
         raise bad_request(f"invalid type for \"enable_thinking\" (expected boolean, got {type(thinking).__name__})")
     kw["enable_thinking"] = thinking
+    effort = body.get("reasoning_effort")
+    if effort is not None and not isinstance(effort, str):
+        raise bad_request("'reasoning_effort' must be a string")
+    if effort == "none":
+        kw["enable_thinking"] = False
+        kw.pop("reasoning_effort", None)
+    elif effort:
+        kw["reasoning_effort"] = effort
     return kw
 
 
@@ -142,7 +151,7 @@ def chat_prompt(state: ServerState, body: dict, messages: list[dict], extra: dic
     fmt = body.get("reasoning_format", state.settings.reasoning_format)
     if fmt not in REASONING_FORMATS:
         raise bad_request(f"'reasoning_format' must be one of {', '.join(REASONING_FORMATS)}")
-    kw = template_kwargs(state, extra)
+    kw = template_kwargs(state, body, extra)
     if cont != "none":
         text, inside = _continue(state, messages, cont, kw)
         # continuing the content: the block (if any) is closed; continuing the reasoning: inside it
