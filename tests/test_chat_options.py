@@ -114,6 +114,13 @@ def test_forced_open_template():
     assert not _prompt(_state(FORCED), USER, reasoning_format="none").thinking_forced_open
 
 
+def test_reasoning_is_split_only_for_a_thinking_template():
+    assert _prompt(_state(QWEN3), USER).reasoning_format == "auto"
+    assert _prompt(_state(QWEN3, reasoning_format="deepseek"), USER).reasoning_format == "deepseek"
+    assert _prompt(_state(None), USER).reasoning_format == "none"          # chatml: no thinking tags
+    assert _prompt(_state("zephyr"), USER, reasoning_format="deepseek").reasoning_format == "none"
+
+
 def test_add_generation_prompt_false_and_bos_text_dropped():
     t = "{{ bos_token }}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}" \
         "{% if add_generation_prompt %}assistant:{% endif %}{{ eos_token }}"

@@ -13,8 +13,9 @@ render (for /v1/chat/completions and /apply-template alike).
 - ``chat_template_kwargs`` (over ``--chat-template-kwargs``) become template variables;
   ``enable_thinking`` is always passed (false with ``--reasoning-budget 0`` or ``reasoning_effort:
   "none"``, else true, unless the kwargs set it: a boolean).
-- ``reasoning_format`` (over ``--reasoning-format``) says how the reply's thinking is split out;
-  the prompt says whether generation starts inside the ``<think>`` block.
+- ``reasoning_format`` (over ``--reasoning-format``) says how the reply's thinking is split out,
+  for a template with thinking tags (for another, as in llama.cpp, the reply is all content); the
+  prompt says whether generation starts inside the ``<think>`` block.
 - As llama.cpp: the BOS text a template writes first is dropped when the tokenizer adds BOS
   itself, and a trailing EOS text when it adds EOS.
 """
@@ -75,6 +76,13 @@ def supports_thinking(template: str) -> bool:
         return False
 
 
+def thinks(template: str) -> bool:
+    """The template has thinking tags (writes or reads ``<think>...</think>``, or renders
+    enable_thinking): only then is a reply's reasoning split out, as llama.cpp's template analysis
+    decides."""
+    return (THINK_START in template and THINK_END in template) or supports_thinking(template)
+
+
 def template_kwargs(state: ServerState, body: dict, extra: dict[str, Any]) -> dict[str, Any]:
     """--chat-template-kwargs, the request's variables over them, and enable_thinking; OpenAI's
     ``reasoning_effort`` "none" turns thinking off, another level is passed to the template."""
@@ -128,13 +136,12 @@ def _continue(state: ServerState, messages: list[dict], mode: str, kw: dict[str,
         mode = "reasoning" if reasoning and not last["content"] else "content"
     head, full = _render(state, before, False, kw), _render(state, before, True, kw)
     head, gen = (head, full[len(head):]) if full.startswith(head) else ("", full)
-    template = state.chat_template
-    thinks = (THINK_START in template and THINK_END in template) or supports_thinking(template)
-    if thinks:
+    tags = thinks(state.chat_template)
+    if tags:
         if THINK_START in gen:
             gen = gen[:gen.index(THINK_START)]
         gen += THINK_START + reasoning + (THINK_END if mode == "content" else "")
-    return head + gen + (last["content"] if mode == "content" else ""), thinks and mode == "reasoning"
+    return head + gen + (last["content"] if mode == "content" else ""), tags and mode == "reasoning"
 
 
 def chat_prompt(state: ServerState, body: dict, messages: list[dict], extra: dict[str, Any]) -> ChatPrompt:
@@ -151,6 +158,8 @@ def chat_prompt(state: ServerState, body: dict, messages: list[dict], extra: dic
     fmt = body.get("reasoning_format", state.settings.reasoning_format)
     if fmt not in REASONING_FORMATS:
         raise bad_request(f"'reasoning_format' must be one of {', '.join(REASONING_FORMATS)}")
+    if not thinks(state.chat_template):
+        fmt = "none"                        # a template without thinking: the reply is all content
     kw = template_kwargs(state, body, extra)
     if cont != "none":
         text, inside = _continue(state, messages, cont, kw)
