@@ -36,7 +36,8 @@ CHATML_TEMPLATE = (
 )
 
 
-__all__ = ["BUILTIN_TEMPLATES", "CHATML_TEMPLATE", "ChatTemplateError", "check_template", "render_chat"]
+__all__ = ["BUILTIN_TEMPLATES", "CHATML_TEMPLATE", "ChatTemplateError", "check_template", "render_chat",
+           "template_error"]
 _SHORT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -107,6 +108,15 @@ def _compile(template: str) -> jinja2.Template:
         return _env().from_string(template)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template does not compile: {e}") from e
+
+
+def template_error(template: str) -> str | None:
+    """Why the jinja `template` does not compile, or None."""
+    try:
+        _compile(template)
+    except ChatTemplateError as e:
+        return str(e)
+    return None
 
 
 def check_template(template: str) -> str:
