@@ -16,7 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 NAMES = ["chatml", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "mistral-v1", "mistral-v3",
-         "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken", "llama3", "gemma", "phi3", "command-r", "deepseek3"]
+         "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken", "llama3", "gemma", "phi3", "command-r", "deepseek3",
+         "phi4", "falcon3", "zephyr", "monarch", "orion", "openchat", "vicuna", "vicuna-orca", "deepseek", "deepseek2",
+         "chatglm3", "chatglm4", "glmedge", "minicpm", "exaone3", "exaone4", "rwkv-world", "granite", "gigachat",
+         "megrez", "llama4", "smolvlm"]
 CHATS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "You are helpful. "}, {"role": "user", "content": " Hi there\n"}],

@@ -101,11 +101,12 @@ def add_byte_tokenizer(w: gguf.GGUFWriter, tokens: list[str], types: list[int], 
 def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: int = 2, n_embd: int = 256,
                 n_head: int = 4, n_head_kv: int = 2, n_ff: int = 512, seed: int = 0, tied: bool = True,
                 skip_tensor: str | None = None, cls_out: int = 0, fim: bool = False,
-                replace: dict[str, np.ndarray] | None = None) -> SynthModel:
+                replace: dict[str, np.ndarray] | None = None, chat_template: str | None = None) -> SynthModel:
     """`cls_out` > 0 adds a classification head (cls.output.weight [cls_out, n_embd] and its bias, a
     reranker's); `fim` adds FIM tokens (<|fim_prefix|> ... <|file_sep|>, the first three by id keys).
     `replace` swaps named F32 tensors for the given values (the random ones are drawn all the same,
-    so the other tensors are as without it: a merged-LoRA model)."""
+    so the other tensors are as without it: a merged-LoRA model); `chat_template` is written as
+    tokenizer.chat_template."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
     if fim:
@@ -116,6 +117,8 @@ def write_model(path: Path, arch: str = "llama", qtype: T = T.F32, *, n_layer: i
     w = gguf.GGUFWriter(str(path), arch)
     add_llama_hparams(w, n_layer=n_layer, n_ctx=256, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, rot=hd)
     add_byte_tokenizer(w, tokens, types, merges)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     if fim:
         for key, text in (("fim_pre", "<|fim_prefix|>"), ("fim_suf", "<|fim_suffix|>"), ("fim_mid", "<|fim_middle|>")):
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))

@@ -43,3 +43,16 @@ def test_no_template_in_the_gguf_is_said_at_load(tmp_path, caplog):
         load_model(str(m.path), [LocalBackend()], n_ctx=16).close()
     assert any("no tokenizer.chat_template" in r.getMessage() and "chatml" in r.getMessage() and "gemma" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_broken_template_in_the_gguf_is_said_at_load(tmp_path, caplog):
+    import logging
+
+    from llamarpc.client.local import LocalBackend
+    from llamarpc.frontend.engine import load_model
+    from synth import write_model
+    m = write_model(tmp_path / "m.gguf", n_layer=1, n_embd=64, n_head=2, n_head_kv=1, n_ff=64,
+                    chat_template="{% for m in messages %}{{ m.content }}")
+    with caplog.at_level(logging.INFO, logger="llamarpc.frontend.engine.loader"):
+        load_model(str(m.path), [LocalBackend()], n_ctx=16).close()
+    assert any("unusable" in r.getMessage() and "does not compile" in r.getMessage() for r in caplog.records)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..model.chat_template import ChatTemplateError, render_chat
 from ..model.tokenizer import Tokenizer
+from .chat_request import chat_prompt
 from .errors import bad_request
 from .state import ServerState
 
@@ -40,22 +40,18 @@ def parse_messages(raw: Any) -> list[dict]:
             content = ""
         elif not isinstance(content, str):
             raise bad_request(f"messages[{i}].content must be a string or an array of text parts")
+        if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+            raise bad_request(f"messages[{i}].reasoning_content must be a string")
         msg = dict(m)
         msg["content"] = content
         out.append(msg)
     return out
 
 
-def render_prompt(state: ServerState, messages: list[dict], extra: dict[str, Any] | None = None) -> str:
-    assert state.model is not None
-    tok = state.model.tokenizer
-    add_gen = messages[-1]["role"] != "assistant"
-    try:
-        return render_chat(state.chat_template, messages, add_generation_prompt=add_gen,
-                           bos_token=tok.token_text(tok.bos_id), eos_token=tok.token_text(tok.eos_id),
-                           **(extra or {}))
-    except ChatTemplateError as e:
-        raise bad_request(str(e)) from None
+def render_prompt(state: ServerState, messages: list[dict]) -> str:
+    """llm-api's /chat: a conversation ending with the user's message, with the generation prompt
+    (the OpenAI route and /apply-template take their options through chat_request.chat_prompt)."""
+    return chat_prompt(state, {}, messages, {}).text
 
 
 def template_extra(body: dict) -> dict[str, Any]:

@@ -121,15 +121,6 @@ def chat_delta(cid: str, model: str, delta: dict, index: int = 0) -> dict:
     return _chunk(cid, model, [{"finish_reason": None, "index": index, "delta": delta}])
 
 
-def chat_delta_chunk(e: PartialEvent, cid: str, model: str, post: bool) -> dict | None:
-    if not e.text and not e.probs:
-        return None
-    choice: dict[str, Any] = {"finish_reason": None, "index": e.index, "delta": {"content": e.text}}
-    if e.probs:
-        choice["logprobs"] = {"content": probs_json(e.probs, post)}
-    return _chunk(cid, model, [choice])
-
-
 def chat_final_chunks(f: FinalEvent, cid: str, model: str, include_usage: bool) -> list[dict]:
     last = _chunk(cid, model, [{"finish_reason": finish_reason(f.stop_type), "index": f.index, "delta": {}}])
     out = [last]

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import STOP_WORD, FinalEvent, PartialEvent
-from .chatreq import PreparedChat, chat_prompt, cut_by_length, prepare_chat, reply_parts
+from .chat_prepare import PreparedChat, chat_tokens, cut_by_length, prepare_chat, reply_parts
 from .errors import bad_request
 from .formats import completion_id
 from .routes_native import _collect, _ready, stream_events
@@ -272,5 +272,5 @@ async def count_tokens(request: Request, r: MessagesRequest) -> Response:
     """The prompt's tokens as /v1/messages would render it (system, messages, tools)."""
     st = _ready(request)
     chat = to_chat_body(r.fields(), count_tokens=True)
-    prompt = await chat_prompt(st, chat, parse_tools(chat, st.chat_template))
+    _, prompt = await chat_tokens(st, chat, parse_tools(chat, st.chat_template))
     return JSONResponse({"input_tokens": len(prompt)})

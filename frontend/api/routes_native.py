@@ -10,7 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import ErrorEvent, FinalEvent, PartialEvent, TaskParams
-from .chat import parse_messages, render_prompt, template_extra
+from .chat import parse_messages, template_extra
+from .chat_request import chat_prompt
 from .checks import generation_settings, pick_fields, tokenize_off_loop
 from .errors import APIError, bad_request, error_body, error_response
 from .formats import BUILD_INFO, native_final, native_partial
@@ -262,4 +263,4 @@ async def apply_template(request: Request, r: ApplyTemplateRequest) -> Response:
     st = _ready(request)
     body = r.fields()
     messages = parse_messages(body.get("messages"))
-    return JSONResponse({"prompt": render_prompt(st, messages, template_extra(body))})
+    return JSONResponse({"prompt": chat_prompt(st, body, messages, template_extra(body)).text})

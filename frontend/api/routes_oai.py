@@ -5,12 +5,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chatreq import prepare_chat
+from .chat_prepare import prepare_chat
+from .chat_reply import ReasoningStream, split_reply
 from .choices import UsageTail, merge
 from .formats import (
     chat_completion,
     chat_delta,
-    chat_delta_chunk,
     chat_final_chunks,
     chat_first_chunk,
     completion_id,
@@ -53,7 +53,7 @@ async def completions(request: Request, r: CompletionRequest) -> Response:
 async def chat_completions(request: Request, r: ChatRequest) -> Response:
     st = _ready(request)
     req = await prepare_chat(st, r, allow_n=True)
-    spec, params, prompt = req.spec, req.params, req.prompt
+    spec, params, prompt, rendered = req.spec, req.params, req.prompt, req.rendered
     n = n_choices(r, st.settings.n_parallel)
     model = r.model or st.settings.model_name
     include_usage = bool(r.stream_options and r.stream_options.include_usage)
@@ -62,25 +62,26 @@ async def chat_completions(request: Request, r: ChatRequest) -> Response:
     sub.start()
     if not params.stream:
         finals = await _collect(sub)
-        replies = [chat_completion(f, cid, model) for f in finals]
+        replies = [split_reply(chat_completion(f, cid, model), rendered) for f in finals]
         if spec is not None:
             replies = [shape_reply(r, spec) for r in replies]
         return JSONResponse(replies[0] if n == 1 else merge(replies, finals, n))
     tail = UsageTail(n, n, cid, model) if include_usage and n > 1 else None
+    thinking = {i: ReasoningStream(rendered, cid, model, params.post_sampling_probs, hold_content=spec is not None,
+                                   index=i) for i in range(n)}     # one per choice
 
     def fmt(ev: PartialEvent | FinalEvent) -> list[dict]:
-        if isinstance(ev, FinalEvent):
-            last = chat_final_chunks(ev, cid, model, include_usage and tail is None)
-            if tail is not None:
-                last += tail.add(ev)
-            if spec is None:
-                return last
-            deltas, calls = stream_deltas(ev.content, spec)      # held back until it parses
-            last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
-            return [chat_delta(cid, model, d, ev.index) for d in deltas] + last
-        if spec is not None:
-            return []
-        chunk = chat_delta_chunk(ev, cid, model, params.post_sampling_probs)
-        return [chunk] if chunk is not None else []
+        think = thinking[ev.index]
+        if isinstance(ev, PartialEvent):
+            return think.partial(ev)
+        reasoning = think.finish()
+        last = chat_final_chunks(ev, cid, model, include_usage and tail is None)
+        if tail is not None:
+            last += tail.add(ev)
+        if spec is None:
+            return reasoning + last
+        deltas, calls = stream_deltas(think.content, spec)      # held back until it parses
+        last[0]["choices"][0]["finish_reason"] = finish(last[0]["choices"][0]["finish_reason"], calls)
+        return reasoning + [chat_delta(cid, model, d, ev.index) for d in deltas] + last
 
     return await stream_events(sub, fmt, [chat_first_chunk(cid, model, i) for i in range(n)], done=True)

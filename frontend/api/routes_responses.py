@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from ..engine import FinalEvent, PartialEvent
-from .chatreq import cut_by_length, prepare_chat, reply_parts
+from .chat_prepare import cut_by_length, prepare_chat, reply_parts
 from .errors import bad_request
 from .formats import completion_id
 from .routes_native import _collect, _ready, stream_events

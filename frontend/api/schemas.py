@@ -221,7 +221,9 @@ class ChatFields(Lenient):
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | str | None = None
     add_generation_prompt: Flag | None = None
-    continue_final_message: Flag | None = None
+    continue_final_message: Flag | Literal["content", "reasoning_content"] | None = None
+    reasoning_format: str | None = None         # none | deepseek | auto (chat_request.py checks the name)
+    reasoning_effort: str | None = None         # "none" renders with enable_thinking=false
 
 
 class ChatRequest(CompletionOptions, ChatFields):

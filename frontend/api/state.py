@@ -37,6 +37,9 @@ class ServerSettings:
     embeddings: bool = False                # --embeddings (--reranking sets it too)
     pooling: str | None = None              # --pooling; None: the model's own
     slot_save_path: str = ""                # --slot-save-path: POST /slots/{id}?action=save|restore here
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)  # --chat-template-kwargs
+    reasoning_format: str = "auto"          # --reasoning-format: none | deepseek | auto
+    reasoning_budget: int = -1              # --reasoning-budget: 0 renders templates with enable_thinking=false
 
     @property
     def model_name(self) -> str:

@@ -8,10 +8,11 @@ after the BLAS thread limit is set."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from typing import TYPE_CHECKING
 
-from llamarpc.proto.cliargs import Flag, FlagParser, existing_file, number_list, ranged, read_file
+from llamarpc.proto.cliargs import CLIError, Flag, FlagParser, existing_file, number_list, ranged, read_file
 
 if TYPE_CHECKING:
     from ..sampling import SamplingParams
@@ -58,10 +59,20 @@ FLAGS: list[Flag] = [
     Flag(("--chat",), "one-shot chat: render QUESTION with the model's chat template, print the answer",
          metavar="QUESTION"),
     Flag(("-sys", "--system-prompt"), "system message for --chat (and llm-api's /chat)"),
-    Flag(("--chat-template",), "jinja chat template to use instead of the model's ('chatml' for ChatML)",
-         env=_a("CHAT_TEMPLATE"), metavar="JINJA"),
+    Flag(("--chat-template",), "chat template to use instead of the model's: a built-in name (chatml, llama3, "
+         "gemma, mistral-v7, phi3, zephyr, ...; an unknown name is an error listing them) or a jinja template",
+         env=_a("CHAT_TEMPLATE"), metavar="JINJA_TEMPLATE"),
     Flag(("--chat-template-file",), "file with a jinja chat template", env=_a("CHAT_TEMPLATE_FILE"),
          metavar="FNAME"),
+    Flag(("--chat-template-kwargs",), "JSON object of extra chat template variables, e.g. "
+         "'{\"enable_thinking\": false}'; a request's chat_template_kwargs override them", env=_a("CHAT_TEMPLATE_KWARGS"),
+         metavar="STRING"),
+    Flag(("--reasoning-format",), "thinking in chat replies: none = left inline in content; deepseek / auto = "
+         "<think>...</think> moved to message.reasoning_content (delta.reasoning_content when streamed)", str, "auto",
+         env=_a("THINK"), choices=("none", "deepseek", "auto"), metavar="FORMAT"),
+    Flag(("--reasoning-budget",), "thinking budget: -1 = unrestricted, 0 = no thinking (the template is rendered "
+         "with enable_thinking=false); N > 0 is not enforced here (unrestricted, with a warning)", ranged(int, -1), -1,
+         env=_a("THINK_BUDGET"), metavar="N"),
     Flag(("-n", "--n-predict"), "tokens to generate: -1 = until end of generation, -2 = until the context is full "
          "(the same without --context-shift)", ranged(int, -2), -1, env=_a("N_PREDICT"), metavar="N"),
     Flag(("-c", "--ctx-size"), "context size, 0 = min(training context, 4096)", _NONNEG, 0, env=_a("CTX_SIZE"),
@@ -245,7 +256,31 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def chat_template_from_args(args: argparse.Namespace) -> str | None:
-    """--chat-template-file's text, else --chat-template, else None (the model's own)."""
+    """--chat-template-file's text, else --chat-template, else None (the model's own); checked
+    now: a template that does not compile or an unknown built-in name is a CLIError."""
+    from ..model.chat_template import ChatTemplateError, check_template
+
+    flag, text = "--chat-template", args.chat_template
     if args.chat_template_file:
-        return read_file("--chat-template-file", args.chat_template_file)
-    return args.chat_template
+        flag, text = "--chat-template-file", read_file("--chat-template-file", args.chat_template_file)
+    if not text:
+        return None
+    try:
+        return check_template(text)
+    except ChatTemplateError as e:
+        raise CLIError(f"{flag}: {e}") from None
+
+
+def chat_template_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """--chat-template-kwargs as a dict (a CLIError unless it is a JSON object)."""
+    if not args.chat_template_kwargs:
+        return {}
+    try:
+        kw = json.loads(args.chat_template_kwargs)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--chat-template-kwargs: not valid JSON: {e}") from None
+    if not isinstance(kw, dict):
+        raise CLIError("--chat-template-kwargs must be a JSON object")
+    if "enable_thinking" in kw and not isinstance(kw["enable_thinking"], bool):
+        raise CLIError("--chat-template-kwargs: enable_thinking must be true or false")
+    return kw

@@ -8,7 +8,7 @@ import logging
 import resource
 import sys
 
-from .args import chat_template_from_args, sampling_from_args
+from .args import chat_template_from_args, chat_template_kwargs_from_args, sampling_from_args
 from .setup import engine_config, load_from_args, set_threads
 
 log = logging.getLogger("llamarpc")
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sampling = sampling_from_args(args)
         template = chat_template_from_args(args)
+        template_vars = {"enable_thinking": args.reasoning_budget != 0, **chat_template_kwargs_from_args(args)}
         with ProgressBar("loading weights") as bar:
             model = load_from_args(args, progress=bar.update)
     except (ModelLoadError, ValueError, BackendError, OSError) as e:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
             messages.append({"role": "user", "content": args.chat})
             text = render_chat(template or model.chat_template, messages, add_generation_prompt=True,
-                               bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id))
+                               bos_token=_piece(tok, tok.bos_id), eos_token=_piece(tok, tok.eos_id), **template_vars)
             prompt = tok.encode(text, add_special=False, parse_special=True)
         else:
             prompt = tok.encode(args.prompt, add_special=True, parse_special=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from llamarpc.proto.cliargs import CLIError, read_file
 
-from .args import chat_template_from_args, sampling_from_args
+from .args import chat_template_from_args, chat_template_kwargs_from_args, sampling_from_args
 from .setup import engine_config, load_from_args, rpc_secrets, set_threads
 
 if TYPE_CHECKING:
@@ -52,6 +52,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             read_file(flag, path, binary=True)
     if args.rpc:
         rpc_secrets(args)
+    if args.reasoning_budget > 0:
+        log.warning("--reasoning-budget %d: a token budget for thinking is not enforced here (thinking is "
+                    "unrestricted); 0 disables thinking, -1 is unrestricted", args.reasoning_budget)
     aliases = tuple(a.strip() for a in (args.alias or "").split(",") if a.strip())
     origins = tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip())
     return ServerSettings(
@@ -60,7 +63,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         metrics=args.metrics, slots=args.slots, webui=args.webui, timeout=args.timeout, cache_prompt=args.cache_prompt,
         ignore_eos=args.ignore_eos, cors_origins=origins, max_body=args.max_body, max_json_depth=args.max_json_depth,
         embeddings=args.embeddings or args.reranking, pooling="rank" if args.reranking else args.pooling,
-        slot_save_path=slot_save_path(args.slot_save_path))
+        slot_save_path=slot_save_path(args.slot_save_path),
+        chat_template_kwargs=chat_template_kwargs_from_args(args), reasoning_format=args.reasoning_format,
+        reasoning_budget=args.reasoning_budget)
 
 
 def make_server(args: argparse.Namespace) -> Server:

@@ -12,6 +12,7 @@ from llamarpc.proto.types import GGMLType
 
 from ..model.arch import get_architecture
 from ..model.chat_builtin import BUILTIN_TEMPLATES
+from ..model.chat_template import template_error
 from ..model.gguf_file import GGUFFile, ModelLoadError
 from ..model.lora import LoraAdapter, load_adapters
 from ..model.tokenizer import Tokenizer
@@ -59,9 +60,13 @@ def load_model(path: str, backends: Sequence[Backend], n_ctx: int = 0,
         raise ModelLoadError(f"{path}: {e}") from None
     if n_ctx <= 0:
         n_ctx = min(args.n_ctx_train, 4096)
-    if not isinstance(gguf.metadata.get("tokenizer.chat_template"), str):
+    template = gguf.metadata.get("tokenizer.chat_template")
+    if not isinstance(template, str):
         log.info("%s has no tokenizer.chat_template: chat requests use chatml, as llama-server's, unless "
                  "--chat-template names one (a jinja template or a built-in: %s)", path, ", ".join(BUILTIN_TEMPLATES))
+    elif (why := template_error(template)) is not None:
+        log.warning("%s: its tokenizer.chat_template is unusable (%s): chat requests fail with a 400 unless "
+                    "--chat-template / --chat-template-file gives another", path, why)
     adapters = load_adapters(lora, gguf)    # (path, scale) each: checked against the model
     pipeline = Pipeline(gguf, arch, args, backends, n_ctx, tensor_split, kv_type, progress, adapters)
     dt = time.perf_counter() - t0

@@ -117,6 +117,94 @@ def _deepseek3(chat: list[tuple[str, str]], add_ass: bool) -> str:
     return out + ("<｜Assistant｜>" if add_ass else "")
 
 
+def _simple(turn: str, gen: str, prefix: str = "", trim: bool = False) -> Renderer:
+    """Each message as ``turn`` with {role} and {content}, then ``gen`` when a reply is asked for."""
+    def render(chat: list[tuple[str, str]], add_ass: bool) -> str:
+        return prefix + "".join(turn.format(role=r, content=_trim(c) if trim else c) for r, c in chat) \
+            + (gen if add_ass else "")
+    return render
+
+
+def _by_role(turns: dict[str, str], gen: str, trim: bool = False) -> Renderer:
+    """Each message through its role's format (roles not listed are skipped)."""
+    def render(chat: list[tuple[str, str]], add_ass: bool) -> str:
+        return "".join(turns[r].format(content=_trim(c) if trim else c) for r, c in chat if r in turns) \
+            + (gen if add_ass else "")
+    return render
+
+
+def _monarch(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    out = "".join(("" if i == 0 else "<s>") + f"{r}\n{c}</s>\n" for i, (r, c) in enumerate(chat))
+    return out + ("<s>assistant\n" if add_ass else "")
+
+
+def _orion(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    out, system = "", ""
+    for role, content in chat:
+        if role == "system":
+            system += content
+        elif role == "user":
+            out += "Human: " + (system + "\n\n" if system else "") + content + "\n\nAssistant: </s>"
+            system = ""
+        else:
+            out += content + "</s>"
+    return out
+
+
+def _openchat(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    out = "".join(f"{c}<|end_of_turn|>" if r == "system" else f"GPT4 Correct {r[:1].upper()}{r[1:]}: {c}<|end_of_turn|>"
+                  for r, c in chat)
+    return out + ("GPT4 Correct Assistant:" if add_ass else "")
+
+
+def _minicpm(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    return "".join(f"<用户>{_trim(c)}<AI>" if r == "user" else _trim(c) for r, c in chat)
+
+
+def _rwkv_world(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    out = ""
+    for i, (role, content) in enumerate(chat):
+        if role == "system":
+            out += f"System: {_trim(content)}\n\n"
+        elif role == "user":
+            out += f"User: {_trim(content)}\n\n" + ("Assistant:" if i == len(chat) - 1 else "")
+        elif role == "assistant":
+            out += f"Assistant: {_trim(content)}\n\n"
+    return out
+
+
+def _gigachat(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    has_system = bool(chat) and chat[0][0] == "system"
+    out = f"<s>{chat[0][1]}<|message_sep|>" if has_system else "<s>"
+    for role, content in chat[1 if has_system else 0:]:
+        if role == "user":
+            out += f"user<|role_sep|>{content}<|message_sep|>available functions<|role_sep|>[]<|message_sep|>"
+        elif role == "assistant":
+            out += f"assistant<|role_sep|>{content}<|message_sep|>"
+    return out + ("assistant<|role_sep|>" if add_ass else "")
+
+
+def _smolvlm(chat: list[tuple[str, str]], add_ass: bool) -> str:
+    out = "<|im_start|>"
+    for role, content in chat:
+        if role == "system":
+            out += content + "\n\n"
+        elif role == "user":
+            out += f"User: {content}<end_of_utterance>\n"
+        else:
+            out += f"Assistant: {content}<end_of_utterance>\n"
+    return out + ("Assistant:" if add_ass else "")
+
+
+def _vicuna(orca: bool) -> Renderer:
+    return _by_role({"system": "SYSTEM: {content}\n" if orca else "{content}\n\n", "user": "USER: {content}\n",
+                     "assistant": "ASSISTANT: {content}</s>\n"}, "ASSISTANT:")
+
+
+_EXAONE = {"system": "[|system|]{content}[|endofturn|]\n", "user": "[|user|]{content}\n",
+           "assistant": "[|assistant|]{content}[|endofturn|]\n"}
+
+
 BUILTIN_TEMPLATES: dict[str, Renderer] = {
     "chatml": _chatml,
     "llama2": _llama2(system=False),
@@ -133,6 +221,32 @@ BUILTIN_TEMPLATES: dict[str, Renderer] = {
     "phi3": _phi3,
     "command-r": _command_r,
     "deepseek3": _deepseek3,
+    "phi4": _simple("<|im_start|>{role}<|im_sep|>{content}<|im_end|>", "<|im_start|>assistant<|im_sep|>"),
+    "falcon3": _simple("<|{role}|>\n{content}\n", "<|assistant|>\n"),
+    "zephyr": _simple("<|{role}|>\n{content}<|endoftext|>\n", "<|assistant|>\n"),
+    "monarch": _monarch,
+    "orion": _orion,
+    "openchat": _openchat,
+    "vicuna": _vicuna(orca=False),
+    "vicuna-orca": _vicuna(orca=True),
+    "deepseek": _by_role({"system": "{content}", "user": "### Instruction:\n{content}\n",
+                          "assistant": "### Response:\n{content}\n<|EOT|>\n"}, "### Response:\n"),
+    "deepseek2": _by_role({"system": "{content}\n\n", "user": "User: {content}\n\n",
+                           "assistant": "Assistant: {content}<｜end▁of▁sentence｜>"}, "Assistant:"),
+    "chatglm3": _simple("<|{role}|>\n {content}", "<|assistant|>", prefix="[gMASK]sop"),
+    "chatglm4": _simple("<|{role}|>\n{content}", "<|assistant|>\n", prefix="[gMASK]<sop>"),
+    "glmedge": _simple("<|{role}|>\n{content}", "<|assistant|>"),
+    "minicpm": _minicpm,
+    "exaone3": _by_role(_EXAONE, "[|assistant|]", trim=True),
+    "exaone4": _by_role({**_EXAONE, "tool": "[|tool|]{content}[|endofturn|]\n"}, "[|assistant|]", trim=True),
+    "rwkv-world": _rwkv_world,
+    "granite": _simple("<|start_of_role|>{role}<|end_of_role|>{content}<|end_of_text|>\n",
+                       "<|start_of_role|>assistant<|end_of_role|>"),
+    "gigachat": _gigachat,
+    "megrez": _simple("<|role_start|>{role}<|role_end|>{content}<|turn_end|>", "<|role_start|>assistant<|role_end|>"),
+    "llama4": _simple("<|header_start|>{role}<|header_end|>\n\n{content}<|eot|>",
+                      "<|header_start|>assistant<|header_end|>\n\n", trim=True),
+    "smolvlm": _smolvlm,
 }
 
 

@@ -3,14 +3,16 @@ task parameters with the structured-output / tool-call grammar, and the rendered
 
 /v1/chat/completions uses it directly; /v1/responses and /v1/messages convert their bodies to
 this shape first (as llama-server does) and share everything from here on: the template, the
-sampling fields, the tool calls and the grammars, then `reply_parts` to read the output."""
+sampling fields, the tool calls and the grammars, then `reply_parts` to read the output. The
+template options (add_generation_prompt, continue_final_message, reasoning) are chat_request's."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
 from ..engine import STOP_LIMIT, FinalEvent, TaskParams
-from .chat import parse_messages, render_prompt, template_extra
+from .chat import parse_messages, template_extra
+from .chat_request import ChatPrompt, chat_prompt
 from .checks import encode_chat_off_loop
 from .errors import bad_request
 from .params import check_context, task_params
@@ -25,9 +27,10 @@ class PreparedChat:
     spec: ToolSpec | None       # None: no tool may be called
     params: TaskParams
     prompt: list[int]
+    rendered: ChatPrompt        # the prompt's text and how the reply's thinking is split out
 
 
-async def chat_prompt(st: ServerState, body: dict[str, Any], spec: ToolSpec | None) -> list[int]:
+async def chat_tokens(st: ServerState, body: dict[str, Any], spec: ToolSpec | None) -> tuple[ChatPrompt, list[int]]:
     """The messages (and tools) through the chat template, tokenized off the event loop and
     checked against a slot's context."""
     assert st.model is not None and st.engine is not None
@@ -35,10 +38,11 @@ async def chat_prompt(st: ServerState, body: dict[str, Any], spec: ToolSpec | No
     extra = template_extra(body)
     extra.pop("tools", None)
     extra.update(template_tools(spec))
-    prompt = await encode_chat_off_loop(st.model.tokenizer, render_prompt(st, messages, extra), st.engine.n_ctx_slot)
+    rendered = chat_prompt(st, body, messages, extra)
+    prompt = await encode_chat_off_loop(st.model.tokenizer, rendered.text, st.engine.n_ctx_slot)
     if not prompt:
         raise bad_request("the chat template rendered an empty prompt")
-    return prompt
+    return rendered, prompt
 
 
 def chat_params(st: ServerState, r: ChatRequest, body: dict[str, Any], spec: ToolSpec | None,
@@ -65,10 +69,10 @@ async def prepare_chat(st: ServerState, r: ChatRequest, allow_n: bool = False) -
     body = r.fields()
     spec = parse_tools(body, st.chat_template)
     params = chat_params(st, r, body, spec, allow_n)
-    prompt = await chat_prompt(st, body, spec)
+    rendered, prompt = await chat_tokens(st, body, spec)
     assert st.engine is not None
     check_context([prompt], params, st.engine.n_ctx_slot)
-    return PreparedChat(spec, params, prompt)
+    return PreparedChat(spec, params, prompt, rendered)
 
 
 def reply_parts(f: FinalEvent, spec: ToolSpec | None) -> tuple[str, list[dict]]:
