@@ -9,7 +9,7 @@ import resource
 import sys
 
 from .args import chat_template_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, set_threads
+from .setup import engine_config, load_from_args, set_threads, speculative_from_args
 
 log = logging.getLogger("llamarpc")
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         params = TaskParams(sampling=sampling, n_predict=args.n_predict, ignore_eos=args.ignore_eos,
                             cache_prompt=False)
         # one slot; no warm-up: its one-time costs land in the first step, as the timings always showed
-        engine = Engine(model, engine_config(args, 1, warmup=False))
+        engine = Engine(model, engine_config(args, 1, warmup=False), speculative_from_args(args, model, 1))
         engine.start()
         if args.prompt is not None and not args.no_display_prompt:
             sys.stdout.write(args.prompt)

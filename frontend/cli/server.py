@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from llamarpc.proto.cliargs import CLIError, read_file
 
 from .args import chat_template_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, rpc_secrets, set_threads
+from .setup import engine_config, load_from_args, rpc_secrets, set_threads, speculative_from_args
 
 if TYPE_CHECKING:
     from ..api.server import Server
@@ -63,7 +63,7 @@ def make_server(args: argparse.Namespace) -> Server:
     def load():
         model = load_from_args(args)
         log.info("placement:\n%s", model.pipeline.placement_table())
-        engine = Engine(model, engine_config(args, args.parallel))
+        engine = Engine(model, engine_config(args, args.parallel), speculative_from_args(args, model, args.parallel))
         if args.embeddings or args.reranking:
             attach_embedder(model, engine, "rank" if args.reranking else args.pooling)
         engine.start()

@@ -79,9 +79,11 @@ class Timings:
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
+    draft_n: int = 0                # speculative decoding: draft tokens verified ...
+    draft_n_accepted: int = 0       # ... and accepted (llama-server reports both when draft_n > 0)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "cache_n": self.cache_n, "prompt_n": self.prompt_n, "prompt_ms": self.prompt_ms,
             "prompt_per_token_ms": self.prompt_ms / self.prompt_n if self.prompt_n else 0.0,
             "prompt_per_second": 1e3 * self.prompt_n / self.prompt_ms if self.prompt_ms else 0.0,
@@ -89,6 +91,10 @@ class Timings:
             "predicted_per_token_ms": self.predicted_ms / self.predicted_n if self.predicted_n else 0.0,
             "predicted_per_second": 1e3 * self.predicted_n / self.predicted_ms if self.predicted_ms else 0.0,
         }
+        if self.draft_n > 0:
+            out["draft_n"] = self.draft_n
+            out["draft_n_accepted"] = self.draft_n_accepted
+        return out
 
 
 @dataclasses.dataclass

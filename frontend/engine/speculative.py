@@ -1,0 +1,244 @@
+"""Speculative decoding: a drafter proposes the next few tokens of a decoding slot, the target model
+verifies them in the same step as everything else, and the slot keeps the longest prefix its own
+sampler agrees with (common/speculative.cpp and tools/server/server.cpp in llama.cpp).
+
+Two drafters:
+- `ModelDrafter` (`-md/--model-draft`): a small model with the target's vocabulary, in process or on
+  its own nodes (`--rpc-draft`), with its own KV cells (sequence = slot id). It drafts greedily while
+  its top token's probability is at least `p_min`.
+- `NgramDrafter` (`--spec-type ngram-simple`): no second model. The last `n` tokens of the slot's
+  context are looked up in that context; the `m` tokens that followed their latest earlier
+  occurrence are the draft.
+
+Verification (`Speculative.verify`): the step fed [last, d1..dk] with logits for all k+1 rows. Row i
+is sampled by the slot's own sampler exactly as a plain decode step would (same chain, same RNG
+draw, the same penalty/DRY/grammar state), so the output is the target's, token for token; while
+the sampled token equals d(i+1) the next row is valid too. Every sampled token is its own event, in
+order; a stop (EOG, stop string, n_predict, context) ends the run and the rest is discarded. The KV
+cells of the rejected draft tokens are removed; the draft's own cells are trimmed on its next call
+(the common prefix of what it holds and the slot's context).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from llamarpc.proto.errors import BackendError
+
+from ..model.tokenizer import Tokenizer
+from .forward import forward_micro_batches
+from .kv_cells import KVCells
+from .loader import Model
+from .slot import Slot, SlotState, common_prefix
+from .task import FinalEvent, PartialEvent
+
+log = logging.getLogger(__name__)
+
+VOCAB_MAX_SIZE_DIFFERENCE = 128     # llama.cpp's SPEC_VOCAB_MAX_SIZE_DIFFERENCE
+VOCAB_CHECK_START_TOKEN_ID = 5      # ... and SPEC_VOCAB_CHECK_START_TOKEN_ID
+
+
+@dataclasses.dataclass
+class SpecParams:
+    n_max: int = 16         # --draft-max
+    n_min: int = 0          # --draft-min: a shorter draft is not verified (a plain decode instead)
+    p_min: float = 0.8      # --draft-p-min: the draft model stops below this top-token probability
+    ngram_n: int = 12       # --spec-ngram-size-n: the key looked up
+    ngram_m: int = 48       # --spec-ngram-size-m: the most tokens a match proposes
+
+    def validate(self) -> None:
+        if self.n_max < 0 or self.n_min < 0 or self.n_min > self.n_max:
+            raise ValueError(f"--draft-min {self.n_min} / --draft-max {self.n_max}: need 0 <= min <= max")
+        if not 0.0 <= self.p_min <= 1.0:
+            raise ValueError(f"--draft-p-min {self.p_min} is outside [0, 1]")
+        if self.ngram_n < 1 or self.ngram_m < 1:
+            raise ValueError("--spec-ngram-size-n and --spec-ngram-size-m must be at least 1")
+
+
+class NgramDrafter:
+    """llama.cpp's `ngram-simple`: the tokens after the latest earlier occurrence of the last n."""
+
+    name = "ngram-simple"
+
+    def __init__(self, n: int, m: int) -> None:
+        self.n, self.m = n, m
+
+    def draft(self, slot: Slot, ctx: list[int], n_max: int, p_min: float) -> list[int]:
+        n = self.n
+        if len(ctx) <= n or n_max <= 0:
+            return []
+        x = np.asarray(ctx, dtype=np.int64)
+        key = x[-n:]
+        # windows starting at 0 .. len-n-1 (the last window is the key itself)
+        win = np.lib.stride_tricks.sliding_window_view(x[:-1], n)
+        hits = np.flatnonzero((win == key).all(axis=1))
+        if not hits.size:
+            return []
+        start = int(hits[-1]) + n
+        return [int(t) for t in x[start:start + min(self.m, n_max)]]
+
+
+class ModelDrafter:
+    """A draft model on its own pipeline and KV cells; each slot's cached tokens are tracked so a
+    call feeds only what is new since the last one (and removes what the target rejected)."""
+
+    name = "draft"
+
+    def __init__(self, model: Model, n_parallel: int, n_ubatch: int = 512) -> None:
+        self.model = model
+        self.n_parallel = n_parallel
+        self.n_ubatch = n_ubatch
+        self.n_ctx_slot = model.n_ctx // n_parallel
+        if self.n_ctx_slot < 2:
+            raise ValueError(f"the draft context {model.n_ctx} is too small for {n_parallel} slots")
+        self.kv = KVCells(model.n_ctx)
+        self.cache: dict[int, list[int]] = {}
+
+    def reset(self) -> None:
+        self.kv = KVCells(self.model.n_ctx)
+        self.cache = {}
+
+    def draft(self, slot: Slot, ctx: list[int], n_max: int, p_min: float) -> list[int]:
+        n_max = min(n_max, self.n_ctx_slot - len(ctx))
+        if n_max <= 0:
+            return []
+        sid = slot.id
+        have = self.cache.get(sid, [])
+        keep = min(common_prefix(have, ctx), len(ctx) - 1)   # the last token is always fed: its logits
+        self.kv.remove(sid, keep)
+        have = have[:keep]
+        self.cache[sid] = have
+        new = ctx[keep:]
+        pipeline = self.model.pipeline
+        out: list[int] = []
+        try:
+            for a in range(0, len(new), self.n_ubatch):
+                chunk = new[a:a + self.n_ubatch]
+                want = np.zeros(len(chunk), bool)
+                want[-1] = True
+                p0 = len(have)
+                logits = forward_micro_batches(pipeline, self.kv, np.array(chunk, np.int32),
+                                               np.arange(p0, p0 + len(chunk), dtype=np.int32),
+                                               np.full(len(chunk), sid, np.int32), want, self.n_ubatch)
+                have += chunk
+            while True:
+                row = np.asarray(logits[-1], dtype=np.float64)
+                tok = int(np.argmax(row))
+                if top_prob(row) < p_min:
+                    break
+                out.append(tok)
+                if len(out) >= n_max:
+                    break
+                p0 = len(have)
+                logits = forward_micro_batches(pipeline, self.kv, np.array([tok], np.int32),
+                                               np.array([p0], np.int32), np.array([sid], np.int32),
+                                               np.ones(1, bool), 1)
+                have.append(tok)
+        except BackendError as e:
+            log.warning("draft model failed (%s): this step decodes without a draft", e)
+            self.reset()
+            return []
+        return out
+
+
+def top_prob(logits: np.ndarray, k: int = 10) -> float:
+    """The top token's probability among the k most likely (llama.cpp's draft sampler is top_k 10)."""
+    top = np.partition(logits, -k)[-k:] if logits.size > k else logits
+    return float(1.0 / np.exp(top - top.max()).sum())
+
+
+def check_vocab(target: Tokenizer, draft: Tokenizer) -> None:
+    """llama.cpp's common_speculative_are_compatible: the same tokenizer type, BOS/EOS, a vocabulary
+    size within 128 and the same token texts from id 5 on; else a ValueError saying what differs."""
+    if target.model != draft.model:
+        raise ValueError(f"the draft model's tokenizer is {draft.model!r}, the target's {target.model!r}")
+    if (target.bos_id, target.eos_id) != (draft.bos_id, draft.eos_id):
+        raise ValueError(f"the draft model's BOS/EOS ({draft.bos_id}, {draft.eos_id}) differ from the target's "
+                         f"({target.bos_id}, {target.eos_id})")
+    diff = abs(target.n_vocab - draft.n_vocab)
+    if diff > VOCAB_MAX_SIZE_DIFFERENCE:
+        raise ValueError(f"the draft vocabulary has {draft.n_vocab} tokens, the target's {target.n_vocab} "
+                         f"(at most {VOCAB_MAX_SIZE_DIFFERENCE} apart)")
+    for i in range(VOCAB_CHECK_START_TOKEN_ID, min(target.n_vocab, draft.n_vocab)):
+        if target.tokens[i] != draft.tokens[i]:
+            raise ValueError(f"the draft model's token {i} is {draft.tokens[i]!r}, the target's {target.tokens[i]!r}")
+
+
+class Speculative:
+    """The engine's speculative decoding: which slots get a draft this step, and the verification of
+    the rows that come back."""
+
+    def __init__(self, drafters: Sequence[NgramDrafter | ModelDrafter], params: SpecParams, n_vocab: int) -> None:
+        params.validate()
+        if not drafters:
+            raise ValueError("speculative decoding needs a drafter")
+        self.drafters = list(drafters)      # the first that proposes something drafts (n-gram before a model)
+        self.params = params
+        self.n_vocab = n_vocab
+
+    @property
+    def name(self) -> str:
+        return "+".join(d.name for d in self.drafters)
+
+    def close(self) -> None:
+        for d in self.drafters:
+            if isinstance(d, ModelDrafter):
+                d.model.close()
+
+    def drafts(self, slots: Sequence[Slot]) -> dict[int, list[int]]:
+        """A draft for each decoding slot that gets one (slot id -> tokens after its `todo[0]`)."""
+        out: dict[int, list[int]] = {}
+        for s in slots:
+            d = self._draft(s)
+            if d:
+                out[s.id] = d
+        return out
+
+    def _draft(self, s: Slot) -> list[int]:
+        task = s.task
+        if task is None or s.state != SlotState.GENERATING or len(s.todo) != 1:
+            return []
+        p = self.params
+        n_max = min(p.n_max, s.n_ctx - len(s.cache) - 2)
+        if task.params.n_predict > 0:
+            n_max = min(n_max, task.params.n_predict - s.n_decoded - 1)
+        if n_max < max(p.n_min, 1):
+            return []
+        ctx = s.cache + s.todo
+        d: list[int] = []
+        for drafter in self.drafters:
+            d = drafter.draft(s, ctx, n_max, p.p_min)[:n_max]
+            if d:
+                break
+        for i, t in enumerate(d):
+            if not 0 <= t < self.n_vocab:
+                d = d[:i]
+                break
+        if len(d) < p.n_min:
+            return []
+        return d
+
+    def verify(self, s: Slot, draft: list[int], logits: np.ndarray, tokenizer: Tokenizer,
+               kv: KVCells) -> tuple[list[PartialEvent], FinalEvent | None, int]:
+        """Sample the rows of [todo[0], d1..dk] in order while the draft agrees; the events, the final
+        event if the slot stopped, and how many draft tokens were accepted. The slot's cache and todo
+        end as after that many plain decode steps; the rejected tokens' KV cells are removed."""
+        fed = s.todo[:1] + draft
+        events: list[PartialEvent] = []
+        final: FinalEvent | None = None
+        n_acc = 0
+        for i in range(len(fed)):
+            s.cache.append(fed[i])
+            evs, final = s.on_logits(logits[i], tokenizer)
+            events += evs
+            if final is not None or i == len(draft) or s.todo[0] != draft[i]:
+                break
+            n_acc += 1
+        kv.remove(s.id, len(s.cache))
+        s.n_draft += len(draft)
+        s.n_draft_accepted += n_acc
+        if final is not None:
+            final.timings = s.timings()
+        return events, final, n_acc
