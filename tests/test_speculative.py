@@ -4,6 +4,9 @@ token (greedy, and seeded sampling), with rejections (a different draft), stop s
 and n_probs inside an accepted run; acceptance counts in the timings and the engine's metrics."""
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 from llamarpc.client.local import LocalBackend
@@ -81,6 +84,35 @@ def test_different_draft_rejects_but_output_is_plain(target, paths):
     j = t.to_json()
     assert j["draft_n"] == t.draft_n and j["draft_n_accepted"] == t.draft_n_accepted
     assert "draft_n" not in plain[-1].timings.to_json()                # as llama-server: only when drafting
+
+
+def test_two_slots_at_once(target, paths):
+    """Two decoding slots drafting in the same steps (each its own draft sequence) and a third
+    request's prompt next to them: each equals its plain run."""
+    import queue
+
+    from llamarpc.frontend.engine import Task
+
+    prompts = [PROMPT, list(b"Another prompt, a different one: "), REPEAT]
+    plain = [tokens_of(run(target, p, n_predict=20)[0]) for p in prompts]
+    draft = _draft_model(paths[1])
+    spec = Speculative([NgramDrafter(1, 8), ModelDrafter(draft, 2)], SpecParams(n_max=4, p_min=0.0), target.n_vocab)
+    eng = Engine(target, EngineConfig(n_parallel=2, warmup=False), spec)
+    eng.start()
+    try:
+        qs = [queue.Queue() for _ in prompts]
+        for p, q in zip(prompts, qs, strict=True):
+            eng.submit(Task(list(p), TaskParams(sampling=GREEDY, n_predict=20, cache_prompt=False), q.put))
+        finals = []
+        for q in qs:
+            while not isinstance(ev := q.get(timeout=60), FinalEvent):
+                pass
+            finals.append(ev)
+    finally:
+        eng.stop()
+        spec.close()
+    assert [f.tokens for f in finals] == plain
+    assert all(f.timings.draft_n > 0 for f in finals)
 
 
 @pytest.fixture()
@@ -211,3 +243,40 @@ def test_smollm_as_its_own_draft_and_ngram(smollm, model_path):
     evs, _ = run(smollm, rep, spec, n_predict=32)
     assert evs[-1].tokens == plain[-1].tokens
     assert evs[-1].timings.draft_n_accepted > 0
+
+
+def test_server_draft_on_its_own_node(target, paths, tmp_path):
+    """`llamarpc -m T -md D --rpc-draft NODE`: the draft's layers on a llamarpc-server node; /completion's
+    tokens equal the plain engine's, streamed one token per event, with draft_n in the timings,
+    the counters in /metrics and /slots saying speculative."""
+    import httpx
+    from nodeproc import start_node
+    from serverproc import start_server
+
+    plain, _ = run(target, PROMPT, n_predict=24)
+    with start_node(tmp_path) as node:
+        srv, url = start_server(["-m", str(paths[0]), "-c", "512", "-np", "2", "-md", str(paths[1]), "--rpc-draft",
+                                 node.address, "--draft-p-min", "0", "--draft-max", "6", "--metrics", "--slots",
+                                 "-t", "1"])
+        try:
+            with httpx.Client(base_url=url, timeout=60) as c:
+                body = {"prompt": PROMPT, "n_predict": 24, "temperature": 0, "return_tokens": True,
+                        "cache_prompt": False}
+                r = c.post("/completion", json=body)
+                assert r.status_code == 200, r.text
+                j = r.json()
+                assert j["tokens"] == plain[-1].tokens
+                assert 0 < j["timings"]["draft_n_accepted"] < j["timings"]["draft_n"]
+                with c.stream("POST", "/completion", json={**body, "stream": True}) as s:
+                    chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+                toks = [t for ch in chunks if not ch.get("stop") for t in ch["tokens"]]
+                assert toks == plain[-1].tokens        # one event per token (a held-back tail may carry none)
+                assert {len(ch["tokens"]) for ch in chunks if not ch.get("stop")} <= {0, 1}
+                assert "draft_n" in chunks[-1]["timings"]
+                m = c.get("/metrics").text
+                drafted = float(re.search(r"^llamacpp:tokens_drafted_total (\S+)$", m, re.M).group(1))
+                accepted = float(re.search(r"^llamacpp:tokens_drafted_accepted_total (\S+)$", m, re.M).group(1))
+                assert drafted >= 2 * j["timings"]["draft_n"] - 6 and 0 < accepted < drafted
+                assert all(s["speculative"] for s in c.get("/slots").json())
+        finally:
+            srv.stop()
