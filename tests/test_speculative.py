@@ -278,5 +278,16 @@ def test_server_draft_on_its_own_node(target, paths, tmp_path):
                 accepted = float(re.search(r"^llamacpp:tokens_drafted_accepted_total (\S+)$", m, re.M).group(1))
                 assert drafted >= 2 * j["timings"]["draft_n"] - 6 and 0 < accepted < drafted
                 assert all(s["speculative"] for s in c.get("/slots").json())
+                # llama-server's per-request speculative.* fields
+                r = c.post("/completion", json={**body, "speculative.n_max": 0})
+                assert r.json()["tokens"] == plain[-1].tokens and "draft_n" not in r.json()["timings"]
+                r = c.post("/completion", json={**body, "speculative.n_max": 2, "speculative.n_min": 5})
+                t = r.json()["timings"]
+                assert r.json()["tokens"] == plain[-1].tokens and 0 < t["draft_n"] <= 2 * (24 - t["draft_n_accepted"])
+                gs = r.json()["generation_settings"]
+                assert (gs["speculative.n_max"], gs["speculative.n_min"], gs["speculative.p_min"]) == (2, 2, 0.0)
+                for bad in ({"speculative.p_min": 2}, {"speculative.n_max": -1}, {"speculative.n_max": 10**6}):
+                    r = c.post("/completion", json={**body, **bad})
+                    assert r.status_code == 400 and next(iter(bad)) in r.json()["error"]["message"]
         finally:
             srv.stop()

@@ -169,6 +169,9 @@ def sampling_params(b: Body, defaults: SamplingParams, tok: Tokenizer) -> Sampli
     return p
 
 
+MAX_DRAFT = 256     # the most draft tokens a request may ask for per step (speculative.n_max)
+
+
 def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskParams:
     """/completion's options (also read by the OpenAI routes, which add their own names)."""
     s = state.settings
@@ -204,7 +207,15 @@ def task_params(b: Body, state: ServerState, *, oai_chat: bool = False) -> TaskP
         raise bad_request(f"'id_slot' {id_slot} does not exist (there are {s.n_parallel} slots)")
     sampling = sampling_params(b, s.sampling, tok)
     sampling = dataclasses.replace(sampling, n_probs=n_probs, grammar=completion_grammar(b.data, state))
-    return TaskParams(
+    spec: dict[str, Any] = {}
+    if state.engine is not None and state.engine.spec is not None:     # llama-server's speculative.* fields
+        d = state.engine.spec.params
+        n_max = b.int("speculative.n_max", d.n_max, 0, MAX_DRAFT)
+        p_min = b.float("speculative.p_min", d.p_min)
+        if not 0.0 <= p_min <= 1.0:
+            raise bad_request(f"'speculative.p_min' must be in [0, 1], got {p_min}")
+        spec = dict(spec_n_max=n_max, spec_n_min=min(b.int("speculative.n_min", d.n_min, 0), n_max), spec_p_min=p_min)
+    return TaskParams(**spec,
         sampling=sampling, n_predict=n_predict, stop=tuple(w for w in b.str_list("stop", (), allow_str=True) if w),
         stop_regex=stop_regex, ignore_eos=b.bool("ignore_eos", s.ignore_eos),
         cache_prompt=b.bool("cache_prompt", s.cache_prompt), n_probs=n_probs,

@@ -200,7 +200,9 @@ class Speculative:
         task = s.task
         if task is None or s.state != SlotState.GENERATING or len(s.todo) != 1:
             return []
-        p = self.params
+        tp = task.params
+        p = dataclasses.replace(self.params, **{k: v for k, v in (("n_max", tp.spec_n_max), ("n_min", tp.spec_n_min),
+                                                                   ("p_min", tp.spec_p_min)) if v is not None})
         n_max = min(p.n_max, s.n_ctx - len(s.cache) - 2)
         if task.params.n_predict > 0:
             n_max = min(n_max, task.params.n_predict - s.n_decoded - 1)

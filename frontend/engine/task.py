@@ -33,6 +33,9 @@ class TaskParams:
     timings_per_token: bool = False
     n_keep: int = 0
     model: str = ""
+    spec_n_max: int | None = None       # speculative.n_max / n_min / p_min of the request; None: the server's
+    spec_n_min: int | None = None
+    spec_p_min: float | None = None
 
     def to_json(self) -> dict:
         """llama.cpp's generation_settings / slot "params" object."""
@@ -53,6 +56,8 @@ class TaskParams:
             "samplers": list(s.samplers),
             "timings_per_token": self.timings_per_token, "post_sampling_probs": self.post_sampling_probs,
             "cache_prompt": self.cache_prompt, "lora": [],
+            **({"speculative.n_max": self.spec_n_max, "speculative.n_min": self.spec_n_min,
+                "speculative.p_min": self.spec_p_min} if self.spec_n_max is not None else {}),
         }
 
 
