@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if engine is not None:
             engine.stop()
+            if engine.spec is not None:
+                engine.spec.close()
         model.close()
     t = final.timings
     prompt_s, gen_s = t.prompt_ms / 1e3, t.predicted_ms / 1e3
@@ -96,4 +98,7 @@ def run(args: argparse.Namespace) -> int:
           f"eval time        = {t.predicted_ms:10.2f} ms / {n_gen:5d} tokens "
           f"({n_gen / gen_s if gen_s else 0.0:8.2f} tokens per second)\n"
           f"peak RSS         = {_peak_rss_mib():10.1f} MiB", file=sys.stderr)
+    if t.draft_n:       # as llama.cpp prints it
+        print(f"draft acceptance rate = {t.draft_n_accepted / t.draft_n:.5f} ({t.draft_n_accepted:5d} accepted / "
+              f"{t.draft_n:5d} generated)", file=sys.stderr)
     return 0
