@@ -291,3 +291,44 @@ def test_server_draft_on_its_own_node(target, paths, tmp_path):
                     assert r.status_code == 400 and next(iter(bad)) in r.json()["error"]["message"]
         finally:
             srv.stop()
+
+
+def test_a_lost_node_target_or_draft(paths):
+    """The draft's node down: plain decoding (same tokens), drafting again once it is back; the
+    target's node restarted mid-stream while drafting: the stream continues, equal to plain."""
+    from test_engine import FlakyBackend
+
+    ref = load_model(str(paths[0]), [LocalBackend()], n_ctx=512)
+    try:
+        plain = tokens_of(run(ref, PROMPT, n_predict=30)[0])
+    finally:
+        ref.close()
+    dnode, tnode = FlakyBackend(), FlakyBackend()
+    target = load_model(str(paths[0]), [LocalBackend(), tnode], n_ctx=512)
+    draft = load_model(str(paths[1]), [dnode], n_ctx=512)
+    spec = Speculative([ModelDrafter(draft, 1, retry_s=0.0)], SpecParams(n_max=4, p_min=0.0), target.n_vocab)
+    try:
+        dnode.down = True
+        evs, _ = run(target, PROMPT, spec, n_predict=30)
+        assert tokens_of(evs) == plain and evs[-1].timings.draft_n == 0
+        dnode.down, dnode.restarted = False, True
+        evs, _ = run(target, PROMPT, spec, n_predict=30)
+        assert tokens_of(evs) == plain and evs[-1].timings.draft_n_accepted > 0
+        assert draft.pipeline.epoch == 1
+
+        eng = Engine(target, EngineConfig(warmup=False, node_grace=30.0), spec)
+        eng.start()
+        try:
+            got = []
+            for ev in eng.stream(PROMPT, TaskParams(sampling=GREEDY, n_predict=30, cache_prompt=False)):
+                if isinstance(ev, PartialEvent):
+                    got += ev.tokens
+                    if len(got) >= 5 and target.pipeline.epoch == 0:
+                        tnode.restarted = True
+            assert isinstance(ev, FinalEvent) and got == plain and ev.timings.draft_n_accepted > 0
+            assert target.pipeline.epoch == 1
+        finally:
+            eng.stop()
+    finally:
+        spec.close()
+        target.close()

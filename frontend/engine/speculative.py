@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -82,12 +83,18 @@ class NgramDrafter:
 
 class ModelDrafter:
     """A draft model on its own pipeline and KV cells; each slot's cached tokens are tracked so a
-    call feeds only what is new since the last one (and removes what the target rejected)."""
+    call feeds only what is new since the last one (and removes what the target rejected).
+
+    A draft node that fails does not stop the streams: the steps decode without drafts, and every
+    `retry_s` seconds the draft's nodes are re-attached (its KV cells then start empty)."""
 
     name = "draft"
 
-    def __init__(self, model: Model, n_parallel: int, n_ubatch: int = 512) -> None:
+    def __init__(self, model: Model, n_parallel: int, n_ubatch: int = 512, retry_s: float = 1.0) -> None:
         self.model = model
+        self.retry_s = retry_s
+        self.lost_at: float | None = None
+        self.epoch = model.pipeline.epoch
         self.n_parallel = n_parallel
         self.n_ubatch = n_ubatch
         self.n_ctx_slot = model.n_ctx // n_parallel
@@ -102,7 +109,7 @@ class ModelDrafter:
 
     def draft(self, slot: Slot, ctx: list[int], n_max: int, p_min: float) -> list[int]:
         n_max = min(n_max, self.n_ctx_slot - len(ctx))
-        if n_max <= 0:
+        if n_max <= 0 or not self._attached():
             return []
         sid = slot.id
         have = self.cache.get(sid, [])
@@ -137,10 +144,28 @@ class ModelDrafter:
                                                np.ones(1, bool), 1)
                 have.append(tok)
         except BackendError as e:
-            log.warning("draft model failed (%s): this step decodes without a draft", e)
+            log.warning("draft model failed (%s): decoding without drafts until it is back", e)
+            self.lost_at = time.monotonic()
             self.reset()
             return []
         return out
+
+    def _attached(self) -> bool:
+        pipeline = self.model.pipeline
+        if self.lost_at is not None:
+            if time.monotonic() - self.lost_at < self.retry_s:
+                return False
+            try:
+                pipeline.ensure_attached()
+            except BackendError:
+                self.lost_at = time.monotonic()
+                return False
+            log.info("draft model's nodes attached again: drafting")
+            self.lost_at = None
+        if pipeline.epoch != self.epoch:        # re-attached or re-placed: its KV cache is gone
+            self.epoch = pipeline.epoch
+            self.reset()
+        return True
 
 
 def top_prob(logits: np.ndarray, k: int = 10) -> float:
