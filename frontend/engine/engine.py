@@ -348,7 +348,7 @@ class Engine:
             self._fail_all(500, f"compute failed: {e}", "server_error")
             return
         dt = time.perf_counter() - t0
-        if replay is None:
+        if replay is None and not drafts:     # a step with drafts is not a decode step's time
             self.budget.observe(len(dec), n_prompt, dt)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step: %d decode + %d prompt tokens in %.1f ms (kv view %d cells)", len(dec), n_prompt,
