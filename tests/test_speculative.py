@@ -173,14 +173,12 @@ def test_ngram_on_a_repetitive_prompt(target):
 
 
 def test_ngram_lookup():
-    class S:
-        id = 0
     d = NgramDrafter(2, 3)
-    assert d.draft(S(), [1, 2, 3, 4, 5, 1, 2], 16, 0.0) == [3, 4, 5]
-    assert d.draft(S(), [1, 2, 3, 9, 1, 2, 7, 1, 2], 16, 0.0) == [7, 1, 2]     # the latest occurrence
-    assert d.draft(S(), [1, 2, 3, 4, 5, 1, 2], 2, 0.0) == [3, 4]
-    assert d.draft(S(), [1, 2, 3, 4], 16, 0.0) == []
-    assert d.draft(S(), [1, 2, 1, 2], 16, 0.0) == [1, 2]
+    assert d.lookup([1, 2, 3, 4, 5, 1, 2], 16) == [3, 4, 5]
+    assert d.lookup([1, 2, 3, 9, 1, 2, 7, 1, 2], 16) == [7, 1, 2]     # the latest occurrence
+    assert d.lookup([1, 2, 3, 4, 5, 1, 2], 2) == [3, 4]
+    assert d.lookup([1, 2, 3, 4], 16) == []
+    assert d.lookup([1, 2, 1, 2], 16) == [1, 2]
 
 
 def test_top_prob_and_params():

@@ -58,6 +58,15 @@ class SpecParams:
             raise ValueError("--spec-ngram-size-n and --spec-ngram-size-m must be at least 1")
 
 
+@dataclasses.dataclass
+class DraftRequest:
+    slot: Slot
+    ctx: list[int]      # the slot's tokens: its cache and the token about to be fed
+    n_max: int
+    n_min: int
+    p_min: float
+
+
 class NgramDrafter:
     """llama.cpp's `ngram-simple`: the tokens after the latest earlier occurrence of the last n."""
 
@@ -66,7 +75,10 @@ class NgramDrafter:
     def __init__(self, n: int, m: int) -> None:
         self.n, self.m = n, m
 
-    def draft(self, slot: Slot, ctx: list[int], n_max: int, p_min: float) -> list[int]:
+    def draft(self, reqs: Sequence[DraftRequest]) -> list[list[int]]:
+        return [self.lookup(r.ctx, r.n_max) for r in reqs]
+
+    def lookup(self, ctx: list[int], n_max: int) -> list[int]:
         n = self.n
         if len(ctx) <= n or n_max <= 0:
             return []
@@ -107,48 +119,62 @@ class ModelDrafter:
         self.kv = KVCells(self.model.n_ctx)
         self.cache = {}
 
-    def draft(self, slot: Slot, ctx: list[int], n_max: int, p_min: float) -> list[int]:
-        n_max = min(n_max, self.n_ctx_slot - len(ctx))
-        if n_max <= 0 or not self._attached():
-            return []
-        sid = slot.id
-        have = self.cache.get(sid, [])
-        keep = min(common_prefix(have, ctx), len(ctx) - 1)   # the last token is always fed: its logits
-        self.kv.remove(sid, keep)
-        have = have[:keep]
-        self.cache[sid] = have
-        new = ctx[keep:]
-        pipeline = self.model.pipeline
-        out: list[int] = []
+    def draft(self, reqs: Sequence[DraftRequest]) -> list[list[int]]:
+        """Every slot's draft at once: one forward brings each slot's cells up to its context (only
+        what is new since the last call), then one forward per draft position feeds the slots still
+        drafting (greedy, while the top token's probability is at least the slot's p_min)."""
+        outs: list[list[int]] = [[] for _ in reqs]
+        if not self._attached():
+            return outs
+        live = [i for i, r in enumerate(reqs) if min(r.n_max, self.n_ctx_slot - len(r.ctx)) > 0]
+        if not live:
+            return outs
+        toks: list[int] = []
+        pos: list[int] = []
+        seq: list[int] = []
+        want: list[bool] = []
+        for i in live:
+            r = reqs[i]
+            sid = r.slot.id
+            have = self.cache.get(sid, [])
+            keep = min(common_prefix(have, r.ctx), len(r.ctx) - 1)     # the last token is fed: its logits
+            self.kv.remove(sid, keep)
+            self.cache[sid] = r.ctx[:]
+            new = r.ctx[keep:]
+            toks += new
+            pos += range(keep, len(r.ctx))
+            seq += [sid] * len(new)
+            want += [False] * (len(new) - 1) + [True]
         try:
-            for a in range(0, len(new), self.n_ubatch):
-                chunk = new[a:a + self.n_ubatch]
-                want = np.zeros(len(chunk), bool)
-                want[-1] = True
-                p0 = len(have)
-                logits = forward_micro_batches(pipeline, self.kv, np.array(chunk, np.int32),
-                                               np.arange(p0, p0 + len(chunk), dtype=np.int32),
-                                               np.full(len(chunk), sid, np.int32), want, self.n_ubatch)
-                have += chunk
-            while True:
-                row = np.asarray(logits[-1], dtype=np.float64)
-                tok = int(np.argmax(row))
-                if top_prob(row) < p_min:
+            logits = self._forward(toks, pos, seq, want)
+            while live:
+                feed = []
+                for row, i in enumerate(live):
+                    r = reqs[i]
+                    tok = int(np.argmax(logits[row]))
+                    if top_prob(np.asarray(logits[row], np.float64)) < r.p_min:
+                        continue
+                    outs[i].append(tok)
+                    if len(outs[i]) < min(r.n_max, self.n_ctx_slot - len(r.ctx)):
+                        feed.append(i)
+                live = feed
+                if not live:
                     break
-                out.append(tok)
-                if len(out) >= n_max:
-                    break
-                p0 = len(have)
-                logits = forward_micro_batches(pipeline, self.kv, np.array([tok], np.int32),
-                                               np.array([p0], np.int32), np.array([sid], np.int32),
-                                               np.ones(1, bool), 1)
-                have.append(tok)
+                fed = [outs[i][-1] for i in live]
+                sids = [reqs[i].slot.id for i in live]
+                logits = self._forward(fed, [len(self.cache[sid]) for sid in sids], sids, [True] * len(live))
+                for sid, tok in zip(sids, fed, strict=True):
+                    self.cache[sid].append(tok)
         except BackendError as e:
             log.warning("draft model failed (%s): decoding without drafts until it is back", e)
             self.lost_at = time.monotonic()
             self.reset()
-            return []
-        return out
+            return [[] for _ in reqs]
+        return outs
+
+    def _forward(self, toks: list[int], pos: list[int], seq: list[int], want: list[bool]) -> np.ndarray:
+        return forward_micro_batches(self.model.pipeline, self.kv, np.array(toks, np.int32), np.array(pos, np.int32),
+                                     np.array(seq, np.int32), np.array(want, bool), self.n_ubatch)
 
     def _attached(self) -> bool:
         pipeline = self.model.pipeline
@@ -213,39 +239,41 @@ class Speculative:
                 d.model.close()
 
     def drafts(self, slots: Sequence[Slot]) -> dict[int, list[int]]:
-        """A draft for each decoding slot that gets one (slot id -> tokens after its `todo[0]`)."""
+        """A draft for each decoding slot that gets one (slot id -> tokens after its `todo[0]`): each
+        drafter in turn drafts for the slots still without one."""
+        reqs = [r for r in map(self._request, slots) if r is not None]
         out: dict[int, list[int]] = {}
-        for s in slots:
-            d = self._draft(s)
-            if d:
-                out[s.id] = d
+        for drafter in self.drafters:
+            if not reqs:
+                break
+            left = []
+            for r, d in zip(reqs, drafter.draft(reqs), strict=True):
+                d = d[:r.n_max]
+                for i, t in enumerate(d):
+                    if not 0 <= t < self.n_vocab:       # a draft vocabulary may be larger
+                        d = d[:i]
+                        break
+                if d and len(d) >= r.n_min:
+                    out[r.slot.id] = d
+                else:
+                    left.append(r)
+            reqs = left
         return out
 
-    def _draft(self, s: Slot) -> list[int]:
+    def _request(self, s: Slot) -> DraftRequest | None:
         task = s.task
         if task is None or s.state != SlotState.GENERATING or len(s.todo) != 1:
-            return []
+            return None
         tp = task.params
-        p = dataclasses.replace(self.params, **{k: v for k, v in (("n_max", tp.spec_n_max), ("n_min", tp.spec_n_min),
-                                                                   ("p_min", tp.spec_p_min)) if v is not None})
-        n_max = min(p.n_max, s.n_ctx - len(s.cache) - 2)
-        if task.params.n_predict > 0:
-            n_max = min(n_max, task.params.n_predict - s.n_decoded - 1)
-        if n_max < max(p.n_min, 1):
-            return []
-        ctx = s.cache + s.todo
-        d: list[int] = []
-        for drafter in self.drafters:
-            d = drafter.draft(s, ctx, n_max, p.p_min)[:n_max]
-            if d:
-                break
-        for i, t in enumerate(d):
-            if not 0 <= t < self.n_vocab:
-                d = d[:i]
-                break
-        if len(d) < p.n_min:
-            return []
-        return d
+        p = self.params
+        n_max = tp.spec_n_max if tp.spec_n_max is not None else p.n_max
+        n_min = tp.spec_n_min if tp.spec_n_min is not None else p.n_min
+        n_max = min(n_max, s.n_ctx - len(s.cache) - 2)
+        if tp.n_predict > 0:
+            n_max = min(n_max, tp.n_predict - s.n_decoded - 1)
+        if n_max < max(n_min, 1):
+            return None
+        return DraftRequest(s, s.cache + s.todo, n_max, n_min, tp.spec_p_min if tp.spec_p_min is not None else p.p_min)
 
     def verify(self, s: Slot, draft: list[int], logits: np.ndarray, tokenizer: Tokenizer,
                kv: KVCells) -> tuple[list[PartialEvent], FinalEvent | None, int]:
