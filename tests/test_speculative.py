@@ -276,6 +276,9 @@ def test_server_draft_on_its_own_node(target, paths, tmp_path):
                 accepted = float(re.search(r"^llamacpp:tokens_drafted_accepted_total (\S+)$", m, re.M).group(1))
                 assert drafted >= 2 * j["timings"]["draft_n"] - 6 and 0 < accepted < drafted
                 assert all(s["speculative"] for s in c.get("/slots").json())
+                props = c.get("/props").json()["default_generation_settings"]
+                assert props["speculative"] and props["params"]["speculative.n_max"] == 6
+                assert props["params"]["speculative.p_min"] == 0.0
                 # llama-server's per-request speculative.* fields
                 r = c.post("/completion", json={**body, "speculative.n_max": 0})
                 assert r.json()["tokens"] == plain[-1].tokens and "draft_n" not in r.json()["timings"]
