@@ -102,5 +102,5 @@ def speculative_from_args(args: argparse.Namespace, model: Model, n_parallel: in
         drafters.append(ModelDrafter(draft, n_parallel, args.ubatch_size))
     if not drafters:
         return None
-    params = SpecParams(args.draft_max, args.draft_min, args.draft_p_min, args.spec_ngram_size_n, args.spec_ngram_size_m)
+    params = SpecParams(args.draft_max, args.draft_min, args.draft_p_min)
     return Speculative(drafters, params, model.n_vocab)

@@ -46,16 +46,12 @@ class SpecParams:
     n_max: int = 16         # --draft-max
     n_min: int = 0          # --draft-min: a shorter draft is not verified (a plain decode instead)
     p_min: float = 0.8      # --draft-p-min: the draft model stops below this top-token probability
-    ngram_n: int = 12       # --spec-ngram-size-n: the key looked up
-    ngram_m: int = 48       # --spec-ngram-size-m: the most tokens a match proposes
 
     def validate(self) -> None:
         if self.n_max < 0 or self.n_min < 0 or self.n_min > self.n_max:
             raise ValueError(f"--draft-min {self.n_min} / --draft-max {self.n_max}: need 0 <= min <= max")
         if not 0.0 <= self.p_min <= 1.0:
             raise ValueError(f"--draft-p-min {self.p_min} is outside [0, 1]")
-        if self.ngram_n < 1 or self.ngram_m < 1:
-            raise ValueError("--spec-ngram-size-n and --spec-ngram-size-m must be at least 1")
 
 
 @dataclasses.dataclass
@@ -72,7 +68,9 @@ class NgramDrafter:
 
     name = "ngram-simple"
 
-    def __init__(self, n: int, m: int) -> None:
+    def __init__(self, n: int = 12, m: int = 48) -> None:     # --spec-ngram-size-n, --spec-ngram-size-m
+        if n < 1 or m < 1:
+            raise ValueError("--spec-ngram-size-n and --spec-ngram-size-m must be at least 1")
         self.n, self.m = n, m
 
     def draft(self, reqs: Sequence[DraftRequest]) -> list[list[int]]:
