@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPT = ("Inventory: apples 12, pears 7, plums 30, figs 4, dates 19, limes 8, kiwis 15. " * 6
-          + "Repeat the inventory line exactly, ten times:\n")
+PROMPT = "Inventory: apples 12, pears 7, plums 30, figs 4, dates 19, limes 8, kiwis 15.\n" * 6
 log = logging.getLogger("bench_spec")
 
 
