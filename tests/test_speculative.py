@@ -72,12 +72,18 @@ REPEAT = list(b"one two three four five six. " * 4)
 def test_different_draft_rejects_but_output_is_plain(target, paths):
     plain, _ = run(target, PROMPT)
     draft = _draft_model(paths[1])
-    spec = Speculative([ModelDrafter(draft, 1)], SpecParams(n_max=6, p_min=0.0), target.n_vocab)
+    drafter = ModelDrafter(draft, 1)
+    spec = Speculative([drafter], SpecParams(n_max=6, p_min=0.0), target.n_vocab)
     try:
         evs, eng = run(target, PROMPT, spec)
     finally:
         spec.close()
     assert tokens_of(evs) == tokens_of(plain) == evs[-1].tokens
+    # the rejected tokens' cells are gone: the cells are exactly the slot's cache, on both models
+    cache = eng.slots[0].cache
+    assert cache == PROMPT + evs[-1].tokens[:-1]
+    assert eng.kv.n_used == eng.kv.seq_len(0) == len(cache)
+    assert drafter.kv.n_used == drafter.kv.seq_len(0) == len(drafter.cache[0])
     t = evs[-1].timings
     assert 0 < t.draft_n_accepted < t.draft_n       # accepted runs and rejections
     assert (eng.metrics.n_draft_total, eng.metrics.n_draft_accepted_total) == (t.draft_n, t.draft_n_accepted)
