@@ -226,6 +226,11 @@ def test_cli_flags_build_the_drafters(target, paths):
     args = build_parser().parse_args(["-m", str(paths[0])])
     assert args.draft_max == 16 and args.draft_min == 0 and args.draft_p_min == 0.8 and args.spec_type == "none"
     assert speculative_from_args(args, target, 1) is None
+    from llamarpc.frontend.cli.server import make_server
+    from llamarpc.proto.cliargs import CLIError
+
+    with pytest.raises(CLIError, match="--draft-min 5 is larger than --draft-max 2"):
+        make_server(build_parser().parse_args(["-m", str(paths[0]), "--draft-min", "5", "--draft-max", "2"]))
 
 
 @pytest.mark.slow

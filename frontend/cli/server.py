@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from llamarpc.proto.cliargs import CLIError, read_file
 
 from .args import chat_template_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, rpc_secrets, set_threads, speculative_from_args
+from .setup import check_speculative_args, engine_config, load_from_args, rpc_secrets, set_threads, speculative_from_args
 
 if TYPE_CHECKING:
     from ..api.server import Server
@@ -59,6 +59,8 @@ def make_server(args: argparse.Namespace) -> Server:
     from ..api.server import Listen, Server
     from ..engine import Engine
     from ..engine.embed import attach_embedder
+
+    check_speculative_args(args)
 
     def load():
         model = load_from_args(args)

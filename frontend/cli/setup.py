@@ -81,11 +81,18 @@ def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True
                         prefill_chunk=args.prefill_chunk, node_grace=args.node_grace, warmup=warmup)
 
 
+def check_speculative_args(args: argparse.Namespace) -> None:
+    """The draft bounds, before anything loads (a CLIError naming the flags)."""
+    if args.draft_min > args.draft_max:
+        raise CLIError(f"--draft-min {args.draft_min} is larger than --draft-max {args.draft_max}")
+
+
 def speculative_from_args(args: argparse.Namespace, model: Model, n_parallel: int) -> Speculative | None:
     """--spec-type and -md (both may be given: the n-gram lookup drafts first, as in llama.cpp), the
     draft model loaded on --rpc-draft's nodes or in process; None without either."""
     from ..engine.speculative import ModelDrafter, NgramDrafter, SpecParams, Speculative, check_vocab
 
+    check_speculative_args(args)
     drafters: list = []
     if args.spec_type == "ngram-simple":
         drafters.append(NgramDrafter(args.spec_ngram_size_n, args.spec_ngram_size_m))
