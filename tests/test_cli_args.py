@@ -83,11 +83,11 @@ def test_variables_are_read_and_flags_win(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["-ngl", "99"], ["--n-gpu-layers", "99"], ["--mlock"], ["--no-mmap"], ["-fa"],
-                                  ["-fa", "on"], ["-dev", "CUDA0"], ["-md", "x"], ["-sm", "row"], ["-cb"]])
+                                  ["-fa", "on"], ["-dev", "CUDA0"], ["-ngld", "99"], ["-sm", "row"], ["-cb"]])
 def test_no_effect_flags_accepted_with_a_note(argv, caplog):
     with caplog.at_level(logging.WARNING, logger="llamarpc.proto.cliargs"):
         a = fargs.build_parser().parse_args(["-p", "hi", *argv])
-    assert a.prompt == "hi" and a.n_predict == -1 and a.model is None   # -ngl is not -n gl, -md not -m d
+    assert a.prompt == "hi" and a.n_predict == -1 and a.model is None   # -ngl is not -n gl, -ngld not -n gld
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 1 and argv[0] in notes[0] and "no effect" in notes[0]
 

@@ -12,7 +12,7 @@ from llamarpc.client import GraphBuilder, TensorRef
 from llamarpc.client.local import LocalBackend
 from llamarpc.frontend.engine import Engine, EngineConfig, FinalEvent, TaskParams, load_model, slot_file
 from llamarpc.frontend.engine.context_shift import KVShifter, n_keep_discard
-from llamarpc.frontend.engine.engine import forward_micro_batches
+from llamarpc.frontend.engine.forward import forward_micro_batches
 from llamarpc.frontend.engine.kv_cells import KVCells
 from llamarpc.frontend.sampling import SamplingParams
 from llamarpc.proto import pb

@@ -9,7 +9,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from llamarpc.client.local import LocalBackend
 from llamarpc.frontend.engine import LogitsProbe, load_model
-from llamarpc.frontend.engine.engine import forward_micro_batches
+from llamarpc.frontend.engine.forward import forward_micro_batches
 from llamarpc.frontend.engine.kv_cells import KVCells
 from llamarpc.frontend.model.gguf_file import ModelLoadError
 from llamarpc.frontend.model.lora import parse_scales

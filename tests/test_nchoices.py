@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from llamarpc.client.local import LocalBackend
 from llamarpc.frontend.engine import Engine, EngineConfig, ErrorEvent, FinalEvent, PartialEvent, TaskParams, load_model
-from llamarpc.frontend.engine.engine import forward_micro_batches
 from llamarpc.frontend.engine.fork import choice_params, choice_tasks, copy_cells, runs, seq_cells
+from llamarpc.frontend.engine.forward import forward_micro_batches
 from llamarpc.frontend.engine.kv_cells import KVCells
 from llamarpc.frontend.sampling import SamplingParams
 from llamarpc.proto.errors import NodeUnavailable

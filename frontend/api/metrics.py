@@ -51,8 +51,10 @@ def _rows(engine: Engine) -> list[tuple[str, str, str, float]]:
         ("counter", "llamacpp:tokens_predicted_total", "Number of generation tokens processed.",
          m.n_tokens_predicted_total),
         ("counter", "llamacpp:tokens_predicted_seconds_total", "Predict process time.", m.t_tokens_generation_total),
-        ("counter", "llamacpp:tokens_drafted_total", "Number of speculative decoding tokens processed.", 0),
-        ("counter", "llamacpp:tokens_drafted_accepted_total", "Number of speculative decoding tokens to be accepted.", 0),
+        ("counter", "llamacpp:tokens_drafted_total", "Number of speculative decoding tokens processed.",
+         m.n_draft_total),
+        ("counter", "llamacpp:tokens_drafted_accepted_total", "Number of speculative decoding tokens to be accepted.",
+         m.n_draft_accepted_total),
         ("counter", "llamacpp:n_decode_total", "Total number of llama_decode() calls.", m.n_decode_total),
         # llama.cpp types it a counter; it is a maximum, and a counter's name must end in _total
         ("gauge", "llamacpp:n_tokens_max", "Largest observed n_tokens.", m.n_tokens_max),

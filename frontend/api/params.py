@@ -150,8 +150,14 @@ def task_params(r: CompletionOptions, state: ServerState, *, oai_chat: bool = Fa
         lora = parse_scales(r.lora, adapters) if r.lora is not None else tuple(a.scale for a in adapters)
     except ValueError as e:
         raise bad_request(str(e)) from None
+    spec: dict[str, Any] = {}
+    if state.engine is not None and state.engine.spec is not None:     # llama-server's speculative.* fields
+        d = state.engine.spec.params
+        n_max = _or(r.spec_n_max, d.n_max)
+        spec = dict(spec_n_max=n_max, spec_n_min=min(_or(r.spec_n_min, d.n_min), n_max),
+                    spec_p_min=_or(r.spec_p_min, d.p_min))
     return TaskParams(
-        sampling=sampling, n_predict=n_predict, stop=tuple(w for w in stop if w),
+        **spec, sampling=sampling, n_predict=n_predict, stop=tuple(w for w in stop if w),
         stop_regex=stop_regex, ignore_eos=_or(r.ignore_eos, s.ignore_eos),
         cache_prompt=_or(r.cache_prompt, s.cache_prompt), n_probs=n_probs,
         post_sampling_probs=bool(r.post_sampling_probs), return_tokens=bool(r.return_tokens),

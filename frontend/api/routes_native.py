@@ -71,8 +71,11 @@ def _default_params(st: ServerState) -> dict:
     from ..engine import TaskParams
     s = st.settings
     assert st.model is not None
+    sp = st.engine.spec.params if st.engine is not None and st.engine.spec is not None else None
+    spec = dict(spec_n_max=sp.n_max, spec_n_min=sp.n_min, spec_p_min=sp.p_min) if sp is not None else {}
     return generation_settings(TaskParams(sampling=s.sampling, n_predict=s.n_predict, ignore_eos=s.ignore_eos,
-                                          cache_prompt=s.cache_prompt, model=s.model_name), st.model.tokenizer)
+                                          cache_prompt=s.cache_prompt, model=s.model_name, **spec),
+                               st.model.tokenizer)
 
 
 def _slot_json(st: ServerState, slot) -> dict:  # noqa: ANN001 - engine.Slot

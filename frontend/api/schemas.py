@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from .errors import bad_request
 
+MAX_DRAFT = 256         # the most draft tokens a request may ask for per step (speculative.n_max)
 MAX_N_PROBS = 100       # alternatives reported per token, at most (the whole vocabulary was 234 MB for 50 tokens)
 
 
@@ -135,6 +136,10 @@ class CompletionOptions(SamplingFields):
     model: str | None = None
     response_fields: list[str] | None = None
     lora: list[Any] | None = None       # [{"id": adapter id, "scale": s}]: this request's LoRA scales
+    # speculative decoding (with -md / --spec-type), llama-server's dotted names
+    spec_n_max: Int | None = Field(None, alias="speculative.n_max", ge=0, le=MAX_DRAFT)
+    spec_n_min: Int | None = Field(None, alias="speculative.n_min", ge=0)
+    spec_p_min: Num | None = Field(None, alias="speculative.p_min", ge=0.0, le=1.0)
 
 
 def _prompt_object(p: Any) -> Any:

@@ -123,5 +123,7 @@ class Server:
         self._loader.join(60)
         if self.state.engine is not None:
             self.state.engine.stop()
+            if self.state.engine.spec is not None:
+                self.state.engine.spec.close()     # the draft model's nodes
         if self.state.model is not None:
             self.state.model.close()

@@ -31,6 +31,8 @@ Here -p is the prompt, -m the model and -c the context size, as in llama.cpp; on
 
 SERVER = "server (without -p / --chat)"
 SAMPLING = "sampling (the one-shot run's, and the server's defaults: a request may override each)"
+SPECULATIVE = "speculative decoding (a draft model, or n-gram lookup in the context)"
+SPEC_TYPES = ("none", "ngram-simple")
 NO_EFFECT = "llama-server flags with no effect here (accepted, with a note)"
 _INT = ranged(int)
 _POS = ranged(int, 1)
@@ -209,8 +211,29 @@ FLAGS: list[Flag] = [
     _gpu("-cb", "--cont-batching", env=_a("CONT_BATCHING"), why="batching is always continuous", value=False),
     _gpu("--jinja", env=_a("JINJA"), why="chat templates are always jinja", value=False),
     _gpu("--threads-http", env=_a("THREADS_HTTP"), why="the HTTP server is asynchronous"),
-    _gpu("-md", "--model-draft", env=_a("MODEL_DRAFT"), why="speculative decoding is not supported",
-         metavar="FNAME"),
+    _gpu("-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft", "--spec-draft-ngl", env=_a("N_GPU_LAYERS_DRAFT"),
+         why="the draft's layers run in process or on the --rpc-draft nodes"),
+    # speculative decoding
+    Flag(("-md", "--model-draft"), "draft model for speculative decoding (its vocabulary must match the model's)",
+         existing_file, env=_a("MODEL_DRAFT"), group=SPECULATIVE, metavar="FNAME"),
+    Flag(("--rpc-draft",), "nodes (llamarpc-server) for the draft model's layers (default: in process)",
+         env=_r("RPC_DRAFT"), group=SPECULATIVE, metavar="HOST:PORT,..."),
+    Flag(("--spec-type",), "speculative decoding without a draft model: ngram-simple looks the last "
+         "--spec-ngram-size-n tokens up in the context and drafts what followed them", str, "none",
+         env=_a("SPEC_TYPE"), choices=SPEC_TYPES, group=SPECULATIVE, metavar="{" + ",".join(SPEC_TYPES) + "}"),
+    Flag(("--draft-max", "--draft", "--draft-n", "--spec-draft-n-max"), "most tokens drafted per step", _NONNEG,
+         16, env=_a("DRAFT_MAX"), dest="draft_max", group=SPECULATIVE, metavar="N"),
+    Flag(("--draft-min", "--draft-n-min", "--spec-draft-n-min"), "fewest draft tokens worth verifying", _NONNEG,
+         0, env=_a("DRAFT_MIN"), dest="draft_min", group=SPECULATIVE, metavar="N"),
+    Flag(("--draft-p-min", "--spec-draft-p-min"), "the draft model drafts while its top token's probability "
+         "is at least P", ranged(float, 0.0, 1.0), 0.8, env=_a("DRAFT_P_MIN"), dest="draft_p_min",
+         group=SPECULATIVE, metavar="P"),
+    Flag(("-cd", "--ctx-size-draft"), "the draft model's context, 0 = the model's", _NONNEG, 0,
+         env=_a("CTX_SIZE_DRAFT"), group=SPECULATIVE, metavar="N"),
+    Flag(("--spec-ngram-size-n",), "ngram-simple: tokens looked up", _POS, 12, env=_a("SPEC_NGRAM_SIZE_N"),
+         group=SPECULATIVE, metavar="N"),
+    Flag(("--spec-ngram-size-m",), "ngram-simple: most tokens a match drafts", _POS, 48,
+         env=_a("SPEC_NGRAM_SIZE_M"), group=SPECULATIVE, metavar="M"),
 ]
 
 

@@ -9,7 +9,7 @@ import resource
 import sys
 
 from .args import chat_template_from_args, chat_template_kwargs_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, set_threads
+from .setup import engine_config, load_from_args, set_threads, speculative_from_args
 
 log = logging.getLogger("llamarpc")
 
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         params = TaskParams(sampling=sampling, n_predict=args.n_predict, ignore_eos=args.ignore_eos,
                             cache_prompt=False)
         # one slot; no warm-up: its one-time costs land in the first step, as the timings always showed
-        engine = Engine(model, engine_config(args, 1, warmup=False))
+        engine = Engine(model, engine_config(args, 1, warmup=False), speculative_from_args(args, model, 1))
         engine.start()
         if args.prompt is not None and not args.no_display_prompt:
             sys.stdout.write(args.prompt)
@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if engine is not None:
             engine.stop()
+            if engine.spec is not None:
+                engine.spec.close()
         model.close()
     t = final.timings
     prompt_s, gen_s = t.prompt_ms / 1e3, t.predicted_ms / 1e3
@@ -97,4 +99,7 @@ def run(args: argparse.Namespace) -> int:
           f"eval time        = {t.predicted_ms:10.2f} ms / {n_gen:5d} tokens "
           f"({n_gen / gen_s if gen_s else 0.0:8.2f} tokens per second)\n"
           f"peak RSS         = {_peak_rss_mib():10.1f} MiB", file=sys.stderr)
+    if t.draft_n:       # as llama.cpp prints it
+        print(f"draft acceptance rate = {t.draft_n_accepted / t.draft_n:.5f} ({t.draft_n_accepted:5d} accepted / "
+              f"{t.draft_n:5d} generated)", file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from llamarpc.proto.cliargs import CLIError, read_file
 
 from .args import chat_template_from_args, chat_template_kwargs_from_args, sampling_from_args
-from .setup import engine_config, load_from_args, rpc_secrets, set_threads
+from .setup import check_speculative_args, engine_config, load_from_args, rpc_secrets, set_threads, speculative_from_args
 
 if TYPE_CHECKING:
     from ..api.server import Server
@@ -74,10 +74,12 @@ def make_server(args: argparse.Namespace) -> Server:
     from ..engine import Engine
     from ..engine.embed import attach_embedder
 
+    check_speculative_args(args)
+
     def load():
         model = load_from_args(args)
         log.info("placement:\n%s", model.pipeline.placement_table())
-        engine = Engine(model, engine_config(args, args.parallel))
+        engine = Engine(model, engine_config(args, args.parallel), speculative_from_args(args, model, args.parallel))
         if args.embeddings or args.reranking:
             attach_embedder(model, engine, "rank" if args.reranking else args.pooling)
         engine.start()

@@ -12,6 +12,7 @@ if TYPE_CHECKING:   # numpy (under proto.types) is imported only after the BLAS 
 
     from ..engine import EngineConfig, Model
     from ..engine.pipeline import Progress
+    from ..engine.speculative import Speculative
 
 
 def set_threads(threads: int) -> None:
@@ -44,16 +45,21 @@ def rpc_secrets(args: argparse.Namespace) -> tuple[str | None, bytes | None]:
 
 def make_backends(args: argparse.Namespace) -> list:
     """The --rpc nodes, or one in-process node (--device, --matmul) when there are none."""
-    if not args.rpc:
+    return backends_for(args, args.rpc, "--rpc")
+
+
+def backends_for(args: argparse.Namespace, rpc: str | None, flag: str) -> list:
+    """The nodes listed in `rpc` (flag `flag`: --rpc, --rpc-draft), or one in-process node."""
+    if not rpc:
         from llamarpc.client.local import LocalBackend
 
         return [LocalBackend(args.device, matmul_mode=args.matmul)]
     from llamarpc.client.remote import RemoteBackend
 
     token, ca = rpc_secrets(args)
-    addrs = [a.strip() for a in args.rpc.split(",") if a.strip()]
+    addrs = [a.strip() for a in rpc.split(",") if a.strip()]
     if not addrs:
-        raise ValueError("--rpc needs at least one HOST:PORT")
+        raise ValueError(f"{flag} needs at least one HOST:PORT")
     return [RemoteBackend(a, token=token, tls_ca=ca) for a in addrs]
 
 
@@ -108,3 +114,35 @@ def engine_config(args: argparse.Namespace, n_parallel: int, warmup: bool = True
     return EngineConfig(n_parallel=n_parallel, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                         prefill_chunk=args.prefill_chunk, node_grace=args.node_grace, warmup=warmup,
                         context_shift=args.context_shift)
+
+
+def check_speculative_args(args: argparse.Namespace) -> None:
+    """The draft bounds, before anything loads (a CLIError naming the flags)."""
+    if args.draft_min > args.draft_max:
+        raise CLIError(f"--draft-min {args.draft_min} is larger than --draft-max {args.draft_max}")
+
+
+def speculative_from_args(args: argparse.Namespace, model: Model, n_parallel: int) -> Speculative | None:
+    """--spec-type and -md (both may be given: the n-gram lookup drafts first, as in llama.cpp), the
+    draft model loaded on --rpc-draft's nodes or in process; None without either."""
+    from ..engine.speculative import ModelDrafter, NgramDrafter, SpecParams, Speculative, check_vocab
+
+    check_speculative_args(args)
+    drafters: list = []
+    if args.spec_type == "ngram-simple":
+        drafters.append(NgramDrafter(args.spec_ngram_size_n, args.spec_ngram_size_m))
+    if args.model_draft:
+        from ..engine import load_model
+
+        draft = load_model(args.model_draft, backends_for(args, args.rpc_draft, "--rpc-draft"),
+                           n_ctx=args.ctx_size_draft or model.n_ctx, kv_type=kv_cache_type(args))
+        try:
+            check_vocab(model.tokenizer, draft.tokenizer)
+        except ValueError as e:
+            draft.close()
+            raise CLIError(f"-md {args.model_draft}: {e}") from None
+        drafters.append(ModelDrafter(draft, n_parallel, args.ubatch_size))
+    if not drafters:
+        return None
+    params = SpecParams(args.draft_max, args.draft_min, args.draft_p_min)
+    return Speculative(drafters, params, model.n_vocab)

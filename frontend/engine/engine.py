@@ -32,12 +32,13 @@ from ..sampling.dry import dry_breakers
 from .budget import StepBudget
 from .context_shift import KVShifter, shift_slot
 from .fork import Forks
+from .forward import forward_micro_batches
 from .kv_cells import KVCells
 from .loader import Model
-from .pipeline import Pipeline
 from .placement import PlacementError
 from .recovery import Recovery
 from .slot import Slot, SlotState, common_prefix
+from .speculative import Speculative
 from .task import ErrorEvent, Event, FinalEvent, Task, TaskParams
 
 log = logging.getLogger(__name__)
@@ -67,25 +68,12 @@ class EngineMetrics:
     n_busy_slots_total: int = 0
     n_tokens_max: int = 0
     n_requests_total: int = 0
-
-
-def forward_micro_batches(pipeline: Pipeline, kv: KVCells, tokens: np.ndarray, pos: np.ndarray, seq: np.ndarray,
-                          want: np.ndarray, n_ubatch: int, lora: np.ndarray | None = None) -> np.ndarray:
-    """One step as micro-batches of at most n_ubatch tokens, each given its KV cells; the logits
-    of the `want` rows. `lora`: each row's LoRA adapter scales (None: the global ones)."""
-    outs = []
-    for a in range(0, tokens.size, n_ubatch):
-        sl = slice(a, a + n_ubatch)
-        cells = kv.alloc(seq[sl], pos[sl])
-        kv_pos, kv_seq = kv.view()
-        rows = np.flatnonzero(want[sl]).astype(np.int32)
-        extra = {} if lora is None else {"lora": lora[sl]}
-        outs.append(pipeline.forward(tokens[sl], pos[sl], seq[sl], cells, kv_pos, kv_seq, rows, **extra))
-    return np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+    n_draft_total: int = 0              # speculative decoding: draft tokens verified ...
+    n_draft_accepted_total: int = 0     # ... and accepted
 
 
 class Engine:
-    def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Model, config: EngineConfig | None = None, speculative: Speculative | None = None) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = cfg = config or EngineConfig()
@@ -99,8 +87,10 @@ class Engine:
             raise ValueError(f"context {self.n_ctx} is too small for {cfg.n_parallel} slots")
         self.kv = KVCells(self.n_ctx)
         self.slots = [Slot(i, self.n_ctx_slot) for i in range(cfg.n_parallel)]
+        self.spec = speculative         # drafts for decoding slots, verified in the step (speculative.py)
         for s in self.slots:
             s.context_shift = cfg.context_shift
+            s.speculative = speculative is not None
         self.shifter = KVShifter(model.pipeline)
         self.budget = StepBudget(cfg.n_batch, cfg.stall_factor, cfg.prefill_chunk)
         self.metrics = EngineMetrics()
@@ -366,18 +356,20 @@ class Engine:
             parts.append((s, take, take == len(s.todo) and s.wants_logits))
         if not parts:
             return
+        drafts = self.spec.drafts(dec) if self.spec is not None and replay is None else {}
         toks: list[int] = []
         pos: list[int] = []
         seq: list[int] = []
         want: list[bool] = []
         for s, take, out in parts:
-            toks += s.todo[:take]
-            pos += range(len(s.cache), len(s.cache) + take)
-            seq += [s.id] * take
-            want += [False] * (take - 1) + [out]
-        n_prompt = len(toks) - len(dec)
-        lora = np.array([s.lora for s, take, _ in parts for _ in range(take)], np.float32) \
-            if self.model.adapters else None
+            d = drafts.get(s.id, [])      # a decoding slot's draft: every row is verified
+            toks += s.todo[:take] + d
+            pos += range(len(s.cache), len(s.cache) + take + len(d))
+            seq += [s.id] * (take + len(d))
+            want += [False] * (take - 1) + [out] + [True] * len(d)
+        n_prompt = len(toks) - len(dec) - sum(map(len, drafts.values()))
+        lora = np.array([s.lora for s, take, _ in parts for _ in range(take + len(drafts.get(s.id, ())))],
+                        np.float32) if self.model.adapters else None
         t0 = time.perf_counter()
         try:
             logits = self._forward(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seq, np.int32),
@@ -398,7 +390,7 @@ class Engine:
             self._fail_all(500, f"compute failed: {e}", "server_error")
             return
         dt = time.perf_counter() - t0
-        if replay is None:
+        if replay is None and not drafts:     # a step with drafts is not a decode step's time
             self.budget.observe(len(dec), n_prompt, dt)
         if self.on_step is not None:
             self.on_step("replay" if replay is not None else "mixed" if dec and n_prompt else
@@ -411,6 +403,18 @@ class Engine:
         m.n_busy_slots_total += len(busy)
         row = 0
         for s, take, out in parts:
+            if s.id in drafts:
+                d = drafts[s.id]
+                events, final, n_acc = self.spec.verify(s, d, logits[row:row + 1 + len(d)], self.tokenizer, self.kv)
+                row += 1 + len(d)
+                m.n_draft_total += len(d)
+                m.n_draft_accepted_total += n_acc
+                m.n_tokens_max = max(m.n_tokens_max, len(s.cache))
+                for ev in events:
+                    self._emit(s.task, ev)
+                if final is not None:
+                    self._finish(s, final)
+                continue
             s.cache += s.todo[:take]
             s.todo = s.todo[take:]
             m.n_tokens_max = max(m.n_tokens_max, len(s.cache))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .engine import forward_micro_batches
+from .forward import forward_micro_batches
 from .kv_cells import KVCells
 from .loader import Model
 

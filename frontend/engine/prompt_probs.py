@@ -17,7 +17,7 @@ import numpy as np
 from llamarpc.proto.errors import NodeUnavailable
 
 from ..sampling import softmax_prob, token_probs
-from .engine import forward_micro_batches
+from .forward import forward_micro_batches
 from .task import TokenOutput, TokenProb
 
 if TYPE_CHECKING:

@@ -52,6 +52,8 @@ class Slot:
         self.lora: tuple[float, ...] = ()   # the LoRA scales `cache` was computed with
         self.context_shift = False      # --context-shift: a full context is shifted, not the end
         self.shifted = False            # this request's context was shifted (it is "truncated")
+        self.speculative = False        # the engine drafts for this slot (/slots "speculative")
+        self.n_draft = self.n_draft_accepted = 0
 
     @property
     def busy(self) -> bool:
@@ -72,6 +74,7 @@ class Slot:
         self.out = OutputText(tokenizer, task.params.stop, task.params.stop_regex)
         self.generated, self.probs = [], []
         self.n_decoded = 0
+        self.n_draft = self.n_draft_accepted = 0
         self.has_new_line = False
         self.shifted = False
         self.t_start = time.perf_counter()
@@ -90,7 +93,8 @@ class Slot:
         return Timings(cache_n=self.n_cached, prompt_n=len(self.task.prompt) - self.n_cached,
                        prompt_ms=1e3 * (self.t_prompt_done - self.t_start) if self.t_prompt_done else 0.0,
                        predicted_n=self.n_decoded,
-                       predicted_ms=1e3 * (end - self.t_prompt_done) if self.t_prompt_done else 0.0)
+                       predicted_ms=1e3 * (end - self.t_prompt_done) if self.t_prompt_done else 0.0,
+                       draft_n=self.n_draft, draft_n_accepted=self.n_draft_accepted)
 
     # -- after a step ---------------------------------------------------------------------------
     def prompt_done(self) -> None:
@@ -163,7 +167,7 @@ class Slot:
         t = self.task
         params = t.params.to_json() if t is not None else {}
         return {
-            "id": self.id, "id_task": t.id if t is not None else -1, "n_ctx": self.n_ctx, "speculative": False,
+            "id": self.id, "id_task": t.id if t is not None else -1, "n_ctx": self.n_ctx, "speculative": self.speculative,
             "is_processing": self.busy, "state": self.state.value, "n_past": len(self.cache),
             "n_prompt_tokens": len(t.prompt) if t is not None else 0,
             "params": params,

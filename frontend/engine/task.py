@@ -35,6 +35,9 @@ class TaskParams:
     n_discard: int = 0              # context shift: tokens dropped after n_keep; 0 = half of the rest
     model: str = ""
     lora: tuple[float, ...] | None = None   # a scale per LoRA adapter; None: the global scales
+    spec_n_max: int | None = None       # speculative.n_max / n_min / p_min of the request; None: the server's
+    spec_n_min: int | None = None
+    spec_p_min: float | None = None
 
     def to_json(self) -> dict:
         """llama.cpp's generation_settings / slot "params" object."""
@@ -56,6 +59,8 @@ class TaskParams:
             "timings_per_token": self.timings_per_token, "post_sampling_probs": self.post_sampling_probs,
             "cache_prompt": self.cache_prompt,
             "lora": [{"id": i, "scale": v} for i, v in enumerate(self.lora or ())],
+            **({"speculative.n_max": self.spec_n_max, "speculative.n_min": self.spec_n_min,
+                "speculative.p_min": self.spec_p_min} if self.spec_n_max is not None else {}),
         }
 
 
@@ -82,9 +87,11 @@ class Timings:
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
+    draft_n: int = 0                # speculative decoding: draft tokens verified ...
+    draft_n_accepted: int = 0       # ... and accepted (llama-server reports both when draft_n > 0)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "cache_n": self.cache_n, "prompt_n": self.prompt_n, "prompt_ms": self.prompt_ms,
             "prompt_per_token_ms": self.prompt_ms / self.prompt_n if self.prompt_n else 0.0,
             "prompt_per_second": 1e3 * self.prompt_n / self.prompt_ms if self.prompt_ms else 0.0,
@@ -92,6 +99,10 @@ class Timings:
             "predicted_per_token_ms": self.predicted_ms / self.predicted_n if self.predicted_n else 0.0,
             "predicted_per_second": 1e3 * self.predicted_n / self.predicted_ms if self.predicted_ms else 0.0,
         }
+        if self.draft_n > 0:
+            out["draft_n"] = self.draft_n
+            out["draft_n_accepted"] = self.draft_n_accepted
+        return out
 
 
 @dataclasses.dataclass
