@@ -273,3 +273,36 @@ def test_random_json_never_5xx(http, server, path):
         stop.set()
         th.join(10)
     assert slow and max(slow) < 1.0, max(slow)
+
+
+def test_accepted_connections_have_tcp_nodelay():
+    """The listening sockets say TCP, so asyncio sets TCP_NODELAY on each accepted connection; with
+    proto 0 it did not, and every keep-alive response (each SSE chunk too) waited ~40 ms for the
+    client's delayed ACK (Nagle)."""
+    import asyncio
+    import socket
+
+    from llamarpc.frontend.api.server import Listen, Server
+    from llamarpc.frontend.api.state import ServerSettings
+
+    srv = Server(ServerSettings(model_path="unused.gguf"), Listen(hosts=("127.0.0.1",), port=free_port()),
+                 load=lambda: (None, None))
+    sock = srv.bind()[0]
+    seen: list[int] = []
+
+    async def main() -> None:
+        async def handle(reader, writer):
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        _, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        w.close()
+        server.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0

@@ -73,7 +73,9 @@ class Server:
                     h = host.strip("[]")
                     infos = socket.getaddrinfo(h, self.listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
                     family, _, _, _, addr = infos[0]
-                    s = socket.socket(family, socket.SOCK_STREAM)
+                    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on an accepted connection only when its
+                    # socket says TCP, and without it a keep-alive response waits ~40 ms (Nagle + delayed ACK)
+                    s = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     try:
                         s.bind(addr)
