@@ -7,6 +7,11 @@ decode-only step: a long prompt arriving slows the running streams by a bounded 
 stalling them for the whole prefill."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
+import numpy as np
+
 _ALPHA = 0.3
 
 
@@ -58,3 +63,30 @@ class StepBudget:
             return min(room, 32)
         n = int((self.stall_factor - 1.0) * base / per)
         return min(room, max(n, self.min_chunk))
+
+    def warm_up(self, forward: Callable[..., object], reset: Callable[[], None], n_vocab: int, n_ctx: int,
+                n_ubatch: int) -> bool:
+        """Run a prefill, a decode and a mixed step through `forward(tokens, pos, seq, want)` twice:
+        the first pass pays one-time costs (compiled programs, caches), the second gives the budget
+        its first timings. `reset` empties the KV cache before each pass and after. False: too
+        small a context to try."""
+        chunk = min(16, (n_ctx - 3) // 2, n_ubatch - 1)
+        if chunk < 2:
+            return False
+        toks = (np.arange(chunk + 1) % n_vocab).astype(np.int32)
+        s0 = np.zeros(chunk, np.int32)
+        steps = ((0, chunk, toks[:chunk], np.arange(chunk, dtype=np.int32), s0),
+                 (1, 0, toks[:1], np.array([chunk], np.int32), s0[:1]),
+                 (1, chunk, toks, np.concatenate([[chunk + 1], np.arange(chunk)]).astype(np.int32),
+                  np.concatenate([[0], np.ones(chunk)]).astype(np.int32)))
+        for timed in (False, True):
+            reset()
+            for n_dec, n_prompt, tokens, pos, seq in steps:
+                want = np.zeros(tokens.size, bool)
+                want[0] = True
+                t0 = time.perf_counter()
+                forward(tokens, pos, seq, want)
+                if timed:
+                    self.observe(n_dec, n_prompt, time.perf_counter() - t0)
+        reset()
+        return True

@@ -29,6 +29,7 @@ from llamarpc.proto.errors import BackendError, NodeUnavailable
 
 from ..sampling import Sampler
 from ..sampling.dry import dry_breakers
+from . import step_plan
 from .budget import StepBudget
 from .context_shift import KVShifter, shift_slot
 from .fork import Forks
@@ -346,34 +347,15 @@ class Engine:
         pre = sorted((s for s in busy if s not in dec),
                      key=lambda s: s.task.t_arrival if s.task is not None else 0.0)
         replay = self.recovery.parts(busy, self.config.n_batch)
-        left = self.budget.prompt_tokens(len(dec))
-        parts: list[tuple[Slot, int, bool]] = replay or [(s, 1, True) for s in dec]
-        for s in pre if replay is None else ():
-            if left <= 0:
-                break
-            take = min(len(s.todo), left)
-            left -= take
-            parts.append((s, take, take == len(s.todo) and s.wants_logits))
+        parts = replay or step_plan.schedule(dec, pre, self.budget.prompt_tokens(len(dec)))
         if not parts:
             return
         drafts = self.spec.drafts(dec) if self.spec is not None and replay is None else {}
-        toks: list[int] = []
-        pos: list[int] = []
-        seq: list[int] = []
-        want: list[bool] = []
-        for s, take, out in parts:
-            d = drafts.get(s.id, [])      # a decoding slot's draft: every row is verified
-            toks += s.todo[:take] + d
-            pos += range(len(s.cache), len(s.cache) + take + len(d))
-            seq += [s.id] * (take + len(d))
-            want += [False] * (take - 1) + [out] + [True] * len(d)
-        n_prompt = len(toks) - len(dec) - sum(map(len, drafts.values()))
-        lora = np.array([s.lora for s, take, _ in parts for _ in range(take + len(drafts.get(s.id, ())))],
-                        np.float32) if self.model.adapters else None
+        plan = step_plan.build(parts, drafts, len(dec), replay is not None, bool(self.model.adapters))
+        n_prompt = plan.n_prompt
         t0 = time.perf_counter()
         try:
-            logits = self._forward(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seq, np.int32),
-                                   np.array(want, bool), lora)
+            logits = self._forward(plan.tokens, plan.pos, plan.seq, plan.want, plan.lora)
         except NodeUnavailable as e:
             for s, _, _ in parts:
                 self.kv.remove(s.id, len(s.cache))
@@ -393,8 +375,7 @@ class Engine:
         if replay is None and not drafts:     # a step with drafts is not a decode step's time
             self.budget.observe(len(dec), n_prompt, dt)
         if self.on_step is not None:
-            self.on_step("replay" if replay is not None else "mixed" if dec and n_prompt else
-                         "decode" if dec else "prompt", dt)
+            self.on_step(plan.kind, dt)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("step: %d decode + %d prompt tokens in %.1f ms (kv view %d cells)", len(dec), n_prompt,
                       1e3 * dt, self.kv.used_len())
@@ -527,28 +508,8 @@ class Engine:
         self._last_recover = time.monotonic()
 
     def _warmup(self) -> None:
-        """Run a prefill, a decode and a mixed step once: compiles/caches whatever the backends
-        cache, and gives the step budget its first timings."""
-        n_vocab = self.model.n_vocab
-        chunk = min(16, (self.n_ctx - 3) // 2, self.config.n_ubatch - 1)
-        if chunk < 2:
-            return
-        toks = (np.arange(chunk + 1) % n_vocab).astype(np.int32)
-        s0 = np.zeros(chunk, np.int32)
-        steps = ((0, chunk, toks[:chunk], np.arange(chunk, dtype=np.int32), s0),
-                 (1, 0, toks[:1], np.array([chunk], np.int32), s0[:1]),
-                 (1, chunk, toks, np.concatenate([[chunk + 1], np.arange(chunk)]).astype(np.int32),
-                  np.concatenate([[0], np.ones(chunk)]).astype(np.int32)))
-        for timed in (False, True):     # the first pass pays one-time costs; the second is measured
-            self._reset_cache()
-            for n_dec, n_prompt, tokens, pos, seq in steps:
-                want = np.zeros(tokens.size, bool)
-                want[0] = True
-                t0 = time.perf_counter()
-                self._forward(tokens, pos, seq, want)
-                if timed:
-                    self.budget.observe(n_dec, n_prompt, time.perf_counter() - t0)
-        self._reset_cache()
-        log.info("warm-up done: decode step %.1f ms, %.2f ms per prompt token next to a decode",
-                 1e3 * (self.budget.decode_time(1) or 0.0), 1e3 * (self.budget.prompt_tok_s or 0.0))
+        """A prefill, a decode and a mixed step, twice (budget.warm_up), from an empty cache."""
+        if self.budget.warm_up(self._forward, self._reset_cache, self.model.n_vocab, self.n_ctx, self.config.n_ubatch):
+            log.info("warm-up done: decode step %.1f ms, %.2f ms per prompt token next to a decode",
+                     1e3 * (self.budget.decode_time(1) or 0.0), 1e3 * (self.budget.prompt_tok_s or 0.0))
 
