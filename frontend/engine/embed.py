@@ -21,7 +21,7 @@ from llamarpc.proto import pb
 from llamarpc.proto.errors import BackendError, NodeUnavailable
 from llamarpc.proto.types import GGMLType
 
-from .kv_cells import KVCells
+from .kv_cells import KVCells, make_room
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -158,12 +158,7 @@ class Embedder:
 
     def _group(self, engine: Engine, group: Sequence[Sequence[int]]) -> list[np.ndarray]:
         kv: KVCells = engine.kv
-        n = sum(map(len, group))
-        if int(np.count_nonzero(kv.pos < 0)) < n:     # make room: drop idle slots' cached prompts
-            for s in engine.slots:
-                if not s.busy and s.cache:
-                    kv.remove(s.id)
-                    s.cache = []
+        make_room(kv, engine.slots, sum(map(len, group)))
         base = len(engine.slots)
         tokens = np.concatenate([np.asarray(x, np.int32) for x in group])
         pos = np.concatenate([np.arange(len(x), dtype=np.int32) for x in group])

@@ -5,7 +5,16 @@ to write and the (position, sequence) of every visible cell. A cell with positio
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import numpy as np
+
+
+class _Slot(Protocol):
+    id: int
+    busy: bool
+    cache: list[int]
 
 
 class ContextFull(RuntimeError):
@@ -55,3 +64,14 @@ class KVCells:
     def view(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.used_len()
         return self.pos[:n].copy(), self.seq[:n].copy()
+
+
+def make_room(kv: KVCells, slots: Sequence[_Slot], n: int) -> None:
+    """Free cells for n tokens outside the slots' sequences (embeddings, a prompt's logprobs) by
+    dropping idle slots' cached prompts, when fewer than n are empty."""
+    if int(np.count_nonzero(kv.pos < 0)) >= n:
+        return
+    for s in slots:
+        if not s.busy and s.cache:
+            kv.remove(s.id)
+            s.cache = []

@@ -18,6 +18,7 @@ from llamarpc.proto.errors import NodeUnavailable
 
 from ..sampling import softmax_prob, token_probs
 from .forward import forward_micro_batches
+from .kv_cells import make_room
 from .task import TokenOutput, TokenProb
 
 if TYPE_CHECKING:
@@ -36,11 +37,7 @@ def prompt_token_probs(engine: Engine, prompt: Sequence[int], n_probs: int) -> l
     if n > engine.n_ctx_slot:
         raise ValueError(f"the prompt has {n} tokens, the slot context is {engine.n_ctx_slot}")
     kv, tok = engine.kv, engine.tokenizer
-    if int(np.count_nonzero(kv.pos < 0)) < n:      # make room: drop idle slots' cached prompts
-        for s in engine.slots:
-            if not s.busy and s.cache:
-                kv.remove(s.id)
-                s.cache = []
+    make_room(kv, engine.slots, n)
     seq = len(engine.slots)
     ids = np.asarray(prompt, np.int32)
     step = max(1, min(engine.config.n_ubatch, LOGITS_BYTES // (4 * engine.model.n_vocab)))
