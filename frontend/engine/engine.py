@@ -6,7 +6,7 @@ is sequence i of the KV cache; the context is shared, each slot getting n_ctx / 
 beyond the free slots wait in a FIFO queue. Handlers only submit tasks and read their events; a
 cancelled task (client gone) frees its slot before the next step.
 
-A node lost mid-step pauses the streams (recovery.py): the engine re-attaches the node within
+A node lost mid-step pauses the streams (recovery.py keeps the state, node_loss.py acts): the engine re-attaches the node within
 `node_grace` seconds or re-places its layers on the other nodes, replays every busy slot's tokens
 to rebuild the KV cache, and continues each stream where it stopped; new requests wait meanwhile.
 Only when the layers fit nowhere do the running requests end with an error event (503); /health
@@ -36,7 +36,7 @@ from .fork import Forks
 from .forward import forward_micro_batches
 from .kv_cells import KVCells
 from .loader import Model
-from .placement import PlacementError
+from .node_loss import NodeLoss
 from .recovery import Recovery
 from .slot import Slot, SlotState, common_prefix
 from .speculative import Speculative
@@ -73,7 +73,7 @@ class EngineMetrics:
     n_draft_accepted_total: int = 0     # ... and accepted
 
 
-class Engine:
+class Engine(NodeLoss):
     def __init__(self, model: Model, config: EngineConfig | None = None, speculative: Speculative | None = None) -> None:
         self.model = model
         self.tokenizer = model.tokenizer
@@ -441,71 +441,6 @@ class Engine:
         if params.lora is not None:
             return params.lora
         return tuple(a.scale for a in self.model.adapters)
-
-    # -- nodes lost and found ---------------------------------------------------------------------
-    def _reset_cache(self) -> None:
-        self.kv = KVCells(self.n_ctx)
-        for s in self.slots:
-            s.cache = []
-
-    def _rewind_all(self) -> None:
-        """The KV cache is gone (a node was re-attached or replaced): every busy slot replays its tokens."""
-        kept = {s.id: s.cache for s in self.slots if s.busy}
-        self._reset_cache()
-        self.recovery.rewind(self.slots, kept)
-
-    def _node_lost(self, message: str) -> None:
-        log.error("%s; streams paused (re-attach within %.1f s, else re-place its layers)", message,
-                  self.config.node_grace)
-        self.health_error = message
-        self.recovery.lost(message)
-        self._last_recover = 0.0
-
-    def _recover(self, force: bool = False) -> None:
-        rec = self.recovery
-        now = time.monotonic()
-        if not rec.active and not force and now - self._last_recover < self.config.recover_interval:
-            return
-        self._last_recover = now
-        pipeline = self.model.pipeline
-        epoch = pipeline.epoch
-        how = "re-attached"
-        try:
-            pipeline.ensure_attached()
-        except BackendError as e:
-            self.health_error = str(e)
-            if not rec.active or not rec.grace_over():
-                return
-            try:
-                pipeline.replace_lost()
-            except (PlacementError, BackendError) as e2:
-                self._give_up(f"{e}; {e2}")
-                return
-            how = "re-placed"
-        if rec.active:
-            n = sum(s.busy for s in self.slots)
-            rec.stats.n_streams_resumed += n
-            rec.stats.n_reattached += how == "re-attached"
-            rec.stats.n_replaced += how == "re-placed"
-            log.warning("node %s after a %.1f s pause; %d streams continue", how, now - (rec.since or now), n)
-            rec.done()
-        if pipeline.epoch != epoch:
-            self._rewind_all()
-        log.info("all nodes attached again; serving")
-        self.health_error = None
-
-    def _give_up(self, message: str) -> None:
-        """Neither back nor re-placeable: the running streams end; new requests fail fast until the
-        node is back (re-attached every `recover_interval` seconds)."""
-        rec = self.recovery
-        log.error("%s: ending %d streams", message, sum(s.busy for s in self.slots))
-        rec.stats.n_failed += 1
-        rec.stats.n_streams_failed += sum(s.busy for s in self.slots)
-        rec.done()
-        self.health_error = message
-        self._fail_all(503, message, "unavailable_error")
-        self._reset_cache()
-        self._last_recover = time.monotonic()
 
     def _warmup(self) -> None:
         """A prefill, a decode and a mixed step, twice (budget.warm_up), from an empty cache."""
