@@ -93,24 +93,31 @@ def test_constrained_and_free_requests_share_a_batch(server, monkeypatch):
         return forward(tokens, pos, seq, cells, kv_pos, kv_seq, out_rows)
 
     monkeypatch.setattr(pipeline, "forward", spy)
-    out: dict[str, str] = {}
-    go = threading.Barrier(2)
+    out: dict[str, str] = {"free": ""}
+    streaming, done = threading.Event(), threading.Event()
 
-    def run(name: str, extra: dict) -> None:
-        go.wait()
-        r = httpx.post(url + "/completion", timeout=60, json={
-            "prompt": f"{name}:", "n_predict": 40, "ignore_eos": True, "temperature": 0, "cache_prompt": False,
-            **extra})
-        out[name] = r.json()["content"]
+    def free() -> None:     # streams until the constrained request is done, then hangs up (cancels)
+        with httpx.stream("POST", url + "/completion", timeout=60, json={
+                "prompt": "free:", "n_predict": 1000, "ignore_eos": True, "temperature": 0, "cache_prompt": False,
+                "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    out["free"] += json.loads(line[6:])["content"]
+                    streaming.set()
+                if done.is_set():
+                    return
 
-    # the free request runs 3x longer, so the constrained one's 40 steps fall inside it even when
-    # its start is late (grammar compile on a loaded machine): the overlap is not left to timing
-    ts = [threading.Thread(target=run, args=("free", {"n_predict": 120})),
-          threading.Thread(target=run, args=("lower", {"grammar": "root ::= [a-z]+"}))]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
+    # the constrained request starts once the free one streams, and the free one runs until it is
+    # done: its decode steps all fall inside the free one's, however long the grammar takes to compile
+    t = threading.Thread(target=free)
+    t.start()
+    assert streaming.wait(60)
+    r = httpx.post(url + "/completion", timeout=60, json={
+        "prompt": "lower:", "n_predict": 40, "ignore_eos": True, "temperature": 0, "cache_prompt": False,
+        "grammar": "root ::= [a-z]+"})
+    out["lower"] = r.json()["content"]
+    done.set()
+    t.join(60)
     assert re.fullmatch("[a-z]{40,}", out["lower"]) and not re.fullmatch("[a-z]*", out["free"])
     assert sum(len(s) == 2 for s in seqs) >= 35       # the constrained request's decode steps carried both
 
